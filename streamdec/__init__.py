@@ -1,0 +1,13 @@
+"""streamdec: stream video-diffusion latents through their VAE decoder, frame by frame.
+
+    vae = streamdec.load_vae("Wan2.1_VAE.pth")
+    for frame in streamdec.decode_frames(vae, latents):   # numpy uint8 (H, W, 3)
+        ...
+"""
+
+from .checkpoints import CheckpointError, load_vae
+from .stream import StreamDecoder, decode_frames
+from .vae import VAE
+
+__all__ = ["load_vae", "decode_frames", "StreamDecoder", "VAE", "CheckpointError"]
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""Reading VAE checkpoints and building a loaded VAE from them.
+
+Sources: a torch pickle (.pth/.pt/.bin, read with weights_only=True and memory-mapped), a
+.safetensors file, a diffusers model folder (config.json + weights), a diffusers pipeline folder
+(its vae/ subfolder) or a live diffusers model object. Tensors are read one by one on demand,
+so the encoder half of a full VAE checkpoint is never read where the format allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import families
+from .families import LayoutError
+from .vae import VAE, resolve_device, resolve_dtype
+
+SHOW = 5  # how many offending keys an error message lists
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not form a decoder; the message says why."""
+
+
+class TensorSource:
+    """A checkpoint's tensors: names, shapes and dtypes up front, data on demand."""
+
+    def __init__(self, description: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
+                 get: Callable[[str], torch.Tensor], diffusers_config: dict | None = None):  # fmt: skip
+        self.description = description
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.get = get
+        self.diffusers_config = diffusers_config
+
+
+def open_checkpoint(src) -> TensorSource:
+    if isinstance(src, nn.Module):
+        return _from_module(src)
+    if not isinstance(src, (str, os.PathLike)):
+        raise CheckpointError(f"cannot load a VAE from a {type(src).__name__}; give a path or a diffusers model")
+    path = Path(src)
+    if not path.exists():
+        raise CheckpointError(f"VAE checkpoint {path} does not exist")
+    if path.is_dir():
+        return _from_folder(path)
+    if path.suffix.lower() == ".safetensors":
+        return _from_safetensors([path], str(path))
+    if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
+        return _from_torch_file(path)
+    raise CheckpointError(
+        f"{path} has an unknown checkpoint type {path.suffix!r}; expected .pth, .pt, .safetensors or a diffusers folder"
+    )
+
+
+def _from_module(module: nn.Module) -> TensorSource:
+    state = module.state_dict()
+    config = dict(getattr(module, "config", {}) or {})
+    return TensorSource(
+        f"{type(module).__name__} object",
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: v.dtype for k, v in state.items()},
+        state.__getitem__,
+        config,
+    )
+
+
+def _from_safetensors(files: list[Path], description: str, config: dict | None = None) -> TensorSource:
+    from safetensors import safe_open
+
+    shapes, dtypes, where = {}, {}, {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                shapes[key] = tuple(view.get_shape())
+                dtypes[key] = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+                where[key] = handle
+        except Exception as err:
+            raise CheckpointError(f"cannot read {file}: not a valid .safetensors file ({_first_line(err)})") from None
+    return TensorSource(description, shapes, dtypes, lambda key: where[key].get_tensor(key), config)
+
+
+def _from_torch_file(path: Path) -> TensorSource:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # old, non-zip checkpoints cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "Unsupported global" in str(err):  # weights_only=True met a pickled Python object
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors and is not loaded for safety (weights_only=True); "
+                "save its state_dict() instead"
+            ) from None
+        raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({_first_line(err)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+    return TensorSource(str(path), {k: tuple(v.shape) for k, v in obj.items()},
+                        {k: v.dtype for k, v in obj.items()}, obj.__getitem__)  # fmt: skip
+
+
+def _from_folder(path: Path) -> TensorSource:
+    if not (path / "config.json").is_file() and (path / "vae").is_dir():
+        path = path / "vae"  # a diffusers pipeline folder
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers VAE or pipeline folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {config_file}: {_first_line(err)}") from None
+    single = path / "diffusion_pytorch_model.safetensors"
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        return _from_safetensors([single], str(path), config)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"cannot read {index}: {_first_line(err)}") from None
+        return _from_safetensors([path / s for s in shards], str(path), config)
+    if (path / "diffusion_pytorch_model.bin").is_file():
+        source = _from_torch_file(path / "diffusion_pytorch_model.bin")
+        source.description, source.diffusers_config = str(path), config
+        return source
+    raise CheckpointError(f"{path} has config.json but no diffusion_pytorch_model.safetensors (or .bin) beside it")
+
+
+def load_vae(src, device=None, dtype=None, offload: str = "none") -> VAE:
+    """Load a VAE decoder from a checkpoint file, a diffusers folder or a diffusers model object.
+
+    The family is detected from the tensor names. `device`: "cpu", "cuda", ... (default: CUDA if
+    present); `dtype`: fp32 (default), bf16 or fp16; `offload`: "none" (weights on the device)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if offload != "none":
+        raise ValueError(f"offload={offload!r} is not available yet; use offload='none'")
+    source = open_checkpoint(src)
+    try:
+        family, layout = families.detect(source.shapes)
+        renames = family.rename_map(source.shapes, layout)
+        shapes = {new: source.shapes[old] for old, new in renames.items()}
+        config = family.config(shapes, source.diffusers_config)
+        with torch.device("meta"):
+            decoder = family.build(config)
+    except LayoutError as err:
+        raise CheckpointError(f"{source.description}: {err}") from None
+    _check_tensors(source, family, layout, renames, decoder)
+    weights = {new: source.get(old).to(device=device, dtype=dtype, copy=True) for old, new in renames.items()}
+    decoder.load_state_dict(weights, strict=True, assign=True)
+    decoder.eval().requires_grad_(False)
+    stored = Counter(source.dtypes[old] for old in renames).most_common(1)[0][0]
+    return VAE(family, config, decoder, device, dtype, stored, source.description, offload)
+
+
+def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str, str], decoder: nn.Module) -> None:
+    expected = {name: tuple(t.shape) for name, t in decoder.state_dict().items()}
+    by_name = {new: old for old, new in renames.items()}
+    where = f"{source.description} ({family.title}, {layout} layout)"
+    missing = sorted(set(expected) - set(by_name))
+    if missing:
+        names = family.source_name_map(layout, missing)
+        raise CheckpointError(f"{where} lacks {len(missing)} decoder tensors: {_listing([names[m] for m in missing])}")
+    unexpected = sorted(
+        [old for old in source.shapes if old not in renames and not family.is_encoder_key(old)]
+        + [old for old, new in renames.items() if new not in expected]
+    )
+    if unexpected:
+        raise CheckpointError(f"{where} has {len(unexpected)} tensors no such decoder has: {_listing(unexpected)}")
+    misshaped = [
+        f"{by_name[n]} is {list(source.shapes[by_name[n]])}, expected {list(s)}"
+        for n, s in expected.items() if source.shapes[by_name[n]] != s
+    ]  # fmt: skip
+    if misshaped:
+        raise CheckpointError(f"{where} has {len(misshaped)} tensors of the wrong shape: {_listing(misshaped)}")
+    not_float = sorted(old for old in renames if not source.dtypes[old].is_floating_point)
+    if not_float:
+        raise CheckpointError(f"{where} has non-floating-point decoder tensors: {_listing(not_float)}")
+
+
+def _listing(items: list[str]) -> str:
+    more = f" and {len(items) - SHOW} more" if len(items) > SHOW else ""
+    return "; ".join(items[:SHOW]) + more
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,74 @@
+"""VAE families and their detection from checkpoint keys.
+
+A Family knows one decoder architecture: how to recognise its checkpoints (and in which key
+layout they are written), how to rename their tensors to the module names of its decoder,
+how to read its sizes off the tensors, and how many video frames a chunk of latents gives.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class LayoutError(ValueError):
+    """The tensors do not form a decoder streamdec knows."""
+
+
+class Family:
+    name: str  # public id, e.g. "wan2.1"
+    title: str  # for messages, e.g. "Wan 2.1 VAE"
+    temporal_ratio: int
+    spatial_ratio: int
+    diffusers_class: str  # the diffusers model class of this family
+
+    def detect_layout(self, keys) -> str | None:
+        """The key layout ("official", "diffusers", ...) if these keys are this family's."""
+        raise NotImplementedError
+
+    def rename_map(self, keys, layout: str) -> dict[str, str]:
+        """checkpoint key -> decoder parameter name, for the decoder tensors among `keys`."""
+        raise NotImplementedError
+
+    def source_name_map(self, layout: str, internal_keys) -> dict[str, str]:
+        """decoder parameter name -> checkpoint key, to name missing tensors as the file would."""
+        raise NotImplementedError
+
+    def is_encoder_key(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def config(self, shapes: dict[str, tuple[int, ...]], diffusers_config: dict | None):
+        raise NotImplementedError
+
+    def build(self, config) -> nn.Module:
+        """The decoder: module(latents, state) -> video in [-1, 1], unclamped."""
+        raise NotImplementedError
+
+    def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
+        raise NotImplementedError
+
+
+def _families() -> list[Family]:
+    from .wan import Wan21
+
+    return [Wan21()]
+
+
+def detect(keys) -> tuple[Family, str]:
+    """The family and key layout of a checkpoint, from its tensor names."""
+    keys = set(keys)
+    for family in _families():
+        layout = family.detect_layout(keys)
+        if layout is not None:
+            return family, layout
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
+    raise LayoutError(
+        f"not a VAE checkpoint streamdec knows (it holds {len(keys)} tensors, e.g. {sample}); "
+        f"supported: {', '.join(f.title for f in _families())}"
+    )
+
+
+def by_name(name: str) -> Family:
+    for family in _families():
+        if family.name == name:
+            return family
+    raise LayoutError(f"unknown VAE family {name!r}; known: {', '.join(f.name for f in _families())}")

@@ -1,0 +1,56 @@
+"""StreamState: everything a decode remembers from one chunk to the next.
+
+The decoder modules are pure functions of (weights, input, state). All the memory of a
+stream lives here, keyed by the module that owns it:
+
+- `history`: the last input frames of each causal temporal convolution, a fixed number
+  of frames per layer (kernel size - 1), so the state never grows with the video length.
+- `started`: the layers that have already seen the first frame of the stream, for the
+  layers that treat that frame specially (Wan's temporal upsampler lets it pass through).
+
+A decoder works on one StreamState per independent stream; spatial tiling keeps one per tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StreamState:
+    def __init__(self) -> None:
+        self.history: dict[nn.Module, torch.Tensor] = {}
+        self.started: set[nn.Module] = set()
+        self.frames_in = 0  # latent frames decoded so far
+        self.frames_out = 0  # video frames produced so far
+
+    @property
+    def is_first_chunk(self) -> bool:
+        return self.frames_in == 0
+
+    def with_history(self, layer: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """Prepend `layer`'s last `frames` input frames to `x` (zeros before the stream starts),
+        and remember the last `frames` frames of the result for the next chunk."""
+        past = self.history.get(layer)
+        if past is None:
+            full = F.pad(x, (0, 0, 0, 0, frames, 0))
+        else:
+            full = torch.cat([past.to(x.dtype), x], dim=2)
+        # clone: a slice would keep the whole chunk alive through its storage.
+        self.history[layer] = full[:, :, -frames:].clone()
+        return full
+
+    def first_time(self, layer: nn.Module) -> bool:
+        """True exactly once per layer: the first time it is asked."""
+        if layer in self.started:
+            return False
+        self.started.add(layer)
+        return True
+
+    def to(self, device: torch.device | str) -> "StreamState":
+        self.history = {k: v.to(device) for k, v in self.history.items()}
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.history.values())

@@ -1,0 +1,122 @@
+"""Latents in, frames out: the streaming decode.
+
+StreamDecoder takes latent chunks as they come and returns the video frames that are final.
+decode_frames is a generator over it for a whole latent tensor. Frames become uint8 on the
+device, are copied to (pinned) host memory, and nothing keeps them once they are handed out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .latents import as_latents
+from .state import StreamState
+from .vae import VAE
+
+
+class StreamDecoder:
+    """Decode a latent video that arrives in chunks.
+
+    `push(chunk)` decodes a chunk of latent frames, shaped (C, T, h, w) or (1, C, T, h, w) with
+    T >= 1, and returns the frames that are now final; `close()` returns the rest. Frames are
+    numpy uint8 (H, W, 3) RGB, or with `as_tensor=True` float32 CPU tensors (3, H, W) in [-1, 1].
+    With `normalized=True` the latents are as the diffusion model makes them and are first
+    de-normalized with the family's per-channel statistics (z * std + mean).
+    """
+
+    def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False):
+        self.vae = vae
+        self.normalized = normalized
+        self.as_tensor = as_tensor
+        self.state: StreamState | None = StreamState()
+        self._frame_size: tuple[int, int] | None = None
+
+    def push(self, chunk) -> list:
+        return self._push_checked(self._check(chunk))
+
+    def close(self) -> list:
+        """End the stream, free its caches and return the frames not yet returned (none, for a
+        causal family: every frame is final when it is produced)."""
+        self.state = None
+        return []
+
+    def _check(self, chunk) -> torch.Tensor:
+        if self.state is None:
+            raise RuntimeError("this StreamDecoder is closed; start a new one for another video")
+        z = as_latents(chunk, self.vae.latent_channels, "latent chunk")
+        size = tuple(z.shape[-2:])
+        if self._frame_size is not None and size != self._frame_size:
+            raise ValueError(
+                f"latent chunk is {size[0]}x{size[1]} but earlier chunks of this stream were "
+                f"{self._frame_size[0]}x{self._frame_size[1]}; start a new StreamDecoder for another video"
+            )
+        self._frame_size = size
+        return z
+
+    def _push_checked(self, z: torch.Tensor) -> list:
+        frames = []
+        # One latent frame per decoder call, as the reference does: activations stay the size
+        # of one latent frame's output whatever the chunk length.
+        for t in range(z.shape[2]):
+            frames.extend(self._decode(z[:, :, t : t + 1]))
+        return frames
+
+    def _decode(self, z: torch.Tensor) -> list:
+        vae, state = self.vae, self.state
+        z = z.to(vae.device, non_blocking=True)
+        z = vae.denormalize(z) if self.normalized else z.float()
+        with torch.inference_mode():
+            video = vae.decoder(z.to(vae.dtype), state)
+        state.frames_in += z.shape[2]
+        state.frames_out += video.shape[2]
+        return to_host_tensors(video) if self.as_tensor else to_host_uint8(video)
+
+
+def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False) -> Iterator:
+    """Decode a whole latent video frame by frame.
+
+    `latents`: torch tensor or numpy array, (C, T, h, w) or (1, C, T, h, w). Returns a generator
+    of `1 + temporal_ratio * (T - 1)` frames: numpy uint8 (H, W, 3) RGB equal to
+    round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
+    [-1, 1]. The latents are checked here, before any frame is decoded."""
+    z = as_latents(latents, vae.latent_channels)
+    stream = StreamDecoder(vae, normalized=normalized, as_tensor=as_tensor)
+    stream._frame_size = tuple(z.shape[-2:])
+    return _frames(stream, z)
+
+
+def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
+    for t in range(z.shape[2]):
+        pending = deque(stream._push_checked(z[:, :, t : t + 1]))
+        while pending:  # popleft: the generator holds no frame it has yielded
+            yield pending.popleft()
+    stream.close()
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 RGB, on the same device."""
+    scaled = (video.float().clamp(-1.0, 1.0) + 1.0) * 127.5
+    return scaled.round_().to(torch.uint8)[0].permute(1, 2, 3, 0).contiguous()
+
+
+def to_host_uint8(video: torch.Tensor) -> list[np.ndarray]:
+    frames = to_uint8(video)  # 4x fewer bytes to copy than float32
+    return list(_to_host(frames).numpy())
+
+
+def to_host_tensors(video: torch.Tensor) -> list[torch.Tensor]:
+    frames = video.float().clamp(-1.0, 1.0)[0].transpose(0, 1).contiguous()
+    return list(_to_host(frames).unbind(0))
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return host

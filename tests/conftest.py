@@ -1,0 +1,115 @@
+"""Shared test fixtures: a small random-weight Wan 2.1 VAE (diffusers, the reference) saved
+in every checkpoint layout streamdec reads."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamdec.families.wan import diffusers_to_official
+
+diffusers = pytest.importorskip("diffusers")
+
+LATENT_SHAPE = (16, 5, 5, 7)  # (C, T, h, w): odd, non-square
+
+
+def random_wan(base_dim: int = 8, seed: int = 0, num_res_blocks: int = 2):
+    """A diffusers AutoencoderKLWan with random weights, random norm gains and biases."""
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKLWan(base_dim=base_dim, z_dim=16, num_res_blocks=num_res_blocks).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def reference_decode(model, z: torch.Tensor) -> torch.Tensor:
+    """diffusers' decode of de-normalized latents (1, C, T, h, w) -> (1, 3, F, H, W) in [-1, 1]."""
+    with torch.no_grad():
+        return model.decode(z).sample
+
+
+def denormalize(model, z: torch.Tensor) -> torch.Tensor:
+    """What the diffusers Wan pipeline does before `vae.decode`."""
+    mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1)
+    return z / (1.0 / std) + mean
+
+
+_ENCODER_TO_OFFICIAL = [  # diffusers encoder names -> official ones, for realistic full checkpoints
+    (r"^quant_conv\.", "conv1."),
+    (r"^encoder\.conv_in\.", "encoder.conv1."),
+    (r"^encoder\.mid_block\.resnets\.0\.", "encoder.middle.0."),
+    (r"^encoder\.mid_block\.attentions\.0\.", "encoder.middle.1."),
+    (r"^encoder\.mid_block\.resnets\.1\.", "encoder.middle.2."),
+    (r"^encoder\.norm_out\.", "encoder.head.0."),
+    (r"^encoder\.conv_out\.", "encoder.head.2."),
+    (r"^encoder\.down_blocks\.", "encoder.downsamples."),
+]
+_RESNET_LEAVES = [
+    (r"\.norm1\.", ".residual.0."),
+    (r"\.conv1\.", ".residual.2."),
+    (r"\.norm2\.", ".residual.3."),
+    (r"\.conv2\.", ".residual.6."),
+    (r"\.conv_shortcut\.", ".shortcut."),
+]
+
+
+def official_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the official Wan2.1_VAE.pth names (encoder included)."""
+    state = model.state_dict()
+    decoder_names = diffusers_to_official(state.keys())
+    official = {}
+    for key, value in state.items():
+        new = decoder_names.get(key)
+        if new is None:
+            resnet = ".down_blocks." in key or ".resnets." in key
+            new = key
+            for pattern, repl in _ENCODER_TO_OFFICIAL + (_RESNET_LEAVES if resnet else []):
+                new = re.sub(pattern, repl, new)
+        official[new] = value.clone()
+    return official
+
+
+@pytest.fixture(scope="session")
+def wan_model():
+    return random_wan()
+
+
+@pytest.fixture(scope="session")
+def latents():
+    return torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def reference_video(wan_model, latents):
+    """diffusers' decode of the normalized `latents` (pipeline de-normalization, then decode)."""
+    return reference_decode(wan_model, denormalize(wan_model, latents[None]))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(wan_model, tmp_path_factory):
+    """The reference weights saved in every layout, keyed by load path."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    official = official_state_dict(wan_model)
+    paths = {}
+    paths["official-pth"] = root / "Wan2.1_VAE.pth"
+    torch.save(official, paths["official-pth"])
+    paths["official-safetensors"] = root / "Wan2.1_VAE.safetensors"
+    save_file({k: v.contiguous() for k, v in official.items()}, paths["official-safetensors"])
+    folder = root / "diffusers-vae"
+    wan_model.save_pretrained(folder)
+    paths["diffusers-folder"] = folder
+    pipeline = root / "pipeline"
+    wan_model.save_pretrained(pipeline / "vae")
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"]}))
+    paths["diffusers-pipeline"] = pipeline
+    paths["live-object"] = wan_model
+    return paths
