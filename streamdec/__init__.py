@@ -6,8 +6,9 @@
 """
 
 from .checkpoints import CheckpointError, load_vae
-from .stream import StreamDecoder, decode_frames
+from .sinks import SinkError
+from .stream import StreamDecoder, decode_frames, decode_to_file
 from .vae import VAE
 
-__all__ = ["load_vae", "decode_frames", "StreamDecoder", "VAE", "CheckpointError"]
+__all__ = ["load_vae", "decode_frames", "decode_to_file", "StreamDecoder", "VAE", "CheckpointError", "SinkError"]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -97,11 +98,11 @@ def _from_safetensors(files: list[Path], description: str, config: dict | None =
 def _from_torch_file(path: Path) -> TensorSource:
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = quiet_torch_load(path, mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):  # old, non-zip checkpoints cannot be memory-mapped
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = quiet_torch_load(path)
     except Exception as err:
         if "Unsupported global" in str(err):  # weights_only=True met a pickled Python object
             raise CheckpointError(
@@ -142,6 +143,14 @@ def _from_folder(path: Path) -> TensorSource:
         source.description, source.diffusers_config = str(path), config
         return source
     raise CheckpointError(f"{path} has config.json but no diffusion_pytorch_model.safetensors (or .bin) beside it")
+
+
+def quiet_torch_load(path, mmap: bool = False):
+    """torch.load of tensors only, without the warnings torch prints about odd files (the
+    caller turns failures into one clear error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def load_vae(src, device=None, dtype=None, offload: str = "none") -> VAE:

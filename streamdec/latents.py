@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import quiet_torch_load
+
 
 def as_latents(latents, channels: int, what: str = "latents") -> torch.Tensor:
     """Check `latents` and return them as a (1, C, T, h, w) tensor (no copy where possible).
@@ -67,7 +69,7 @@ def read_latents(path: str | os.PathLike, key: str | None = None) -> torch.Tenso
 
             tensors = load_file(path)
         else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = quiet_torch_load(path)
     except Exception as err:  # corrupt files raise anything from pickle, zipfile, numpy or safetensors
         raise ValueError(f"cannot read latent file {path}: {_first_line(err)}") from None
     return _pick_tensor(tensors, key, path)

@@ -35,6 +35,11 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         if self.past_frames:
             x = state.with_history(self, x, self.past_frames)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            # PyTorch sends a 5-D input to its slow reference kernel whenever B*C*T*H <= 20480 (a
+            # rule made for images: it ignores W), which is most of this decoder's convolutions;
+            # oneDNN computes the same convolution 2-16x faster.
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1)
         return super().forward(x)
 
 

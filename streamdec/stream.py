@@ -7,7 +7,9 @@ device, are copied to (pinned) host memory, and nothing keeps them once they are
 
 from __future__ import annotations
 
+import os
 from collections import deque
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -120,3 +122,35 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     host.copy_(x, non_blocking=True)
     torch.cuda.current_stream(x.device).synchronize()
     return host
+
+
+def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None = None, crf: int | None = None,
+                   preset: str | None = None, pix_fmt: str | None = None, format: str | None = None,
+                   normalized: bool = True, progress: bool = True, options: dict | None = None) -> int:  # fmt: skip
+    """Decode `latents` straight into a video file (or a binary stream such as stdout).
+
+    Frames go from the decoder through a bounded queue to a writer thread that encodes them
+    with PyAV as they arrive. The container follows the extension or `format` (mp4, mkv, webm,
+    mov, nut, y4m; rgb24 for raw bytes); `codec` defaults to libx264 (libsvtav1 for webm).
+    `options` pass straight to the encoder. On an error or Ctrl-C the file is closed cleanly
+    with every frame decoded so far. Returns the number of frames written."""
+    from .progress import Progress
+    from .sinks import FrameWriter, open_sink
+
+    z = as_latents(latents, vae.latent_channels)
+    height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
+    sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
+                     pix_fmt=pix_fmt, options=options)  # fmt: skip
+    bar = Progress(vae.frames_for(z.shape[2]), enabled=progress)
+    try:
+        with FrameWriter(sink) as writer:
+            for frame in decode_frames(vae, z, normalized=normalized):
+                writer.put(frame)
+                bar.update()
+    except BaseException:
+        if sink.frames_written == 0 and isinstance(path, (str, os.PathLike)):
+            Path(path).unlink(missing_ok=True)  # an empty file is no result: leave none
+        raise
+    finally:
+        bar.close()
+    return sink.frames_written

@@ -1,0 +1,186 @@
+"""The `streamdec` command: decode latents to video, describe a checkpoint, or run a demo.
+
+Every expected failure (bad files, settings, a closed pipe, Ctrl-C) ends with one line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamdec", description="Stream video-diffusion latents into video.")
+    parser.add_argument("--version", action="version", version=f"streamdec {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    decode = commands.add_parser("decode", help="decode a latent file into a video file or stdout")
+    decode.add_argument("latents", help="latent file: .safetensors, .pt/.pth or .npy, shaped (C,T,h,w) or (1,C,T,h,w)")
+    decode.add_argument("--vae", required=True, help="VAE checkpoint: .pth, .safetensors, or a diffusers folder")
+    decode.add_argument("-o", "--output", required=True, help="output video file, or - for stdout")
+    _add_output_options(decode)
+    _add_model_options(decode)
+    decode.add_argument("--raw-latents", action="store_true",
+                        help="the latents are already de-normalized (as diffusers' vae.decode takes them)")  # fmt: skip
+    decode.add_argument("--key", help="name of the latent tensor in a file that holds several")
+    decode.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    decode.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    info = commands.add_parser("info", help="describe a VAE checkpoint")
+    info.add_argument("checkpoint")
+
+    demo = commands.add_parser(
+        "demo", help="decode generated latents with a small random-weight Wan 2.1 VAE (no download needed)"
+    )
+    demo.add_argument("-o", "--output", default="demo.mp4", help="output video file, or - for stdout")
+    demo.add_argument("--latent-frames", type=int, default=17, help="latent frames (video frames = 1 + 4*(T-1))")
+    demo.add_argument("--size", default="24x32", help="latent height x width (video is 8x larger)")
+    demo.add_argument("--width", type=int, default=16, help="decoder base width (the released model has 96)")
+    _add_output_options(demo)
+    _add_model_options(demo, offload=False)
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return parser
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fps", type=float, default=16.0, help="frame rate (default 16, Wan's)")
+    p.add_argument("--codec", help="libx264 (default), libx265, libsvtav1, ffv1, libx264rgb, ...")
+    p.add_argument("--crf", type=int, help="quality (lower is better; default 18 for x264, 0 = lossless)")
+    p.add_argument("--preset", help="encoder speed preset (default fast; svt-av1: 8)")
+    p.add_argument("--pix-fmt", help="pixel format (default yuv420p)")
+    p.add_argument("--format", help="container: mp4, mkv, webm, mov, nut, y4m, or rgb24 (raw, pipes); "
+                                    "default from the extension, y4m for stdout")  # fmt: skip
+
+
+def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default, exact), bf16 or fp16")
+    if offload:
+        p.add_argument("--offload", default="none", help="weight offloading: none")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"decode": run_decode, "info": run_info, "demo": run_demo}[args.command](args)
+    except KeyboardInterrupt:
+        _say("interrupted; the output keeps every frame decoded so far")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _pipe_closed()
+    except (ValueError, OSError, RuntimeError) as err:
+        if _is_broken_pipe(err):
+            return _pipe_closed()
+        _say(f"error: {_one_line(err)}")
+        return EXIT_ERROR
+
+
+def run_decode(args) -> int:
+    from .checkpoints import load_vae
+    from .latents import read_latents
+
+    target = _output_target(args.output, args.overwrite)
+    latents = read_latents(args.latents, key=args.key)
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload)
+    return _decode(vae, latents, target, args, normalized=not args.raw_latents)
+
+
+def run_info(args) -> int:
+    from .checkpoints import load_vae
+
+    vae = load_vae(args.checkpoint, device="cpu")
+    ratio = f"{vae.temporal_ratio}x time, {vae.spatial_ratio}x{vae.spatial_ratio} space"
+    print(f"family            {vae.family} ({vae.family_spec.title})")
+    print(f"source            {vae.source}")
+    print(f"decoder params    {vae.num_parameters():,}")
+    print(f"latent channels   {vae.latent_channels}")
+    print(f"compression       {ratio}  (T latent frames -> 1 + {vae.temporal_ratio}(T-1) video frames)")
+    print(f"stored dtype      {str(vae.stored_dtype).replace('torch.', '')}")
+    return 0
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from .demo import demo_latents, demo_vae
+
+    try:
+        h, w = (int(s) for s in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must be HEIGHTxWIDTH in latent pixels, like 30x40, not {args.size!r}") from None
+    target = _output_target(args.output, args.overwrite)
+    vae = demo_vae(args.width, device=args.device, dtype=args.dtype)
+    latents = demo_latents(args.latent_frames, h, w, generator=torch.Generator().manual_seed(0))
+    return _decode(vae, latents, target, args, normalized=True)
+
+
+def _decode(vae, latents, target, args, normalized: bool) -> int:
+    from .stream import decode_to_file
+
+    to_stdout = target is sys.stdout.buffer
+    format = args.format or ("y4m" if to_stdout else None)
+    if to_stdout and sys.stdout.isatty():
+        raise ValueError("refusing to write video to a terminal; pipe it (| ffmpeg -i - out.mp4) or use -o FILE")
+    written = decode_to_file(
+        vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
+        pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet,
+    )  # fmt: skip
+    if not args.quiet and not to_stdout:
+        h, w = (s * vae.spatial_ratio for s in latents.shape[-2:])
+        _say(f"wrote {written} frames of {w}x{h} at {args.fps:g} fps to {target}")
+    return 0
+
+
+def _output_target(output: str, overwrite: bool):
+    """stdout's binary stream for "-", else a path checked to be writable and new (or --overwrite)."""
+    if output == "-":
+        return sys.stdout.buffer
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; give a file name such as {path / 'video.mp4'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"output {path} already exists; add --overwrite to replace it")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: no permission to write in {folder}")
+    return path
+
+
+def _pipe_closed() -> int:
+    """The reader of our stdout went away: stop quietly, like other Unix filters."""
+    try:  # further writes (and Python's exit flush) must not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else EXIT_ERROR
+
+
+def _is_broken_pipe(err: BaseException) -> bool:
+    import errno
+
+    return getattr(err, "errno", None) == errno.EPIPE or "Broken pipe" in str(err)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _say(message: str) -> None:
+    print(f"streamdec: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
