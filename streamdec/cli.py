@@ -17,10 +17,16 @@ from . import __version__
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error, instead of usage + error
+        _say(f"error: {message} (see {self.prog} --help)")
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamdec", description="Stream video-diffusion latents into video.")
+    parser = _Parser(prog="streamdec", description="Stream video-diffusion latents into video.")
     parser.add_argument("--version", action="version", version=f"streamdec {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     decode = commands.add_parser("decode", help="decode a latent file into a video file or stdout")
     decode.add_argument("latents", help="latent file: .safetensors, .pt/.pth or .npy, shaped (C,T,h,w) or (1,C,T,h,w)")
@@ -64,6 +70,8 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default, exact), bf16 or fp16")
+    p.add_argument("--tile", type=_tile_arg, help="decode in spatial tiles of N or HxW latent pixels; "
+                                                  "same output, less memory (default: untiled)")  # fmt: skip
     if offload:
         p.add_argument("--offload", default="none", help="weight offloading: none")
 
@@ -132,12 +140,22 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
         raise ValueError("refusing to write video to a terminal; pipe it (| ffmpeg -i - out.mp4) or use -o FILE")
     written = decode_to_file(
         vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
-        pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet,
+        pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet, tile=args.tile,
     )  # fmt: skip
     if not args.quiet and not to_stdout:
         h, w = (s * vae.spatial_ratio for s in latents.shape[-2:])
         _say(f"wrote {written} frames of {w}x{h} at {args.fps:g} fps to {target}")
     return 0
+
+
+def _tile_arg(text: str):
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW latent pixels, like 32 or 24x40, not {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _output_target(output: str, overwrite: bool):

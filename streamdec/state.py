@@ -8,7 +8,8 @@ stream lives here, keyed by the module that owns it:
 - `started`: the layers that have already seen the first frame of the stream, for the
   layers that treat that frame specially (Wan's temporal upsampler lets it pass through).
 
-A decoder works on one StreamState per independent stream; spatial tiling keeps one per tile.
+A decoder works on one StreamState per independent stream; spatial tiling keeps a child state
+per tile (`tile(key)`), since each tile's layers see only that tile's past.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class StreamState:
     def __init__(self) -> None:
         self.history: dict[nn.Module, torch.Tensor] = {}
         self.started: set[nn.Module] = set()
+        self.tiles: dict[tuple, StreamState] = {}
         self.frames_in = 0  # latent frames decoded so far
         self.frames_out = 0  # video frames produced so far
 
@@ -48,9 +50,18 @@ class StreamState:
         self.started.add(layer)
         return True
 
+    def tile(self, key: tuple) -> "StreamState":
+        """The state of one spatial tile, created empty on first use."""
+        if key not in self.tiles:
+            self.tiles[key] = StreamState()
+        return self.tiles[key]
+
     def to(self, device: torch.device | str) -> "StreamState":
         self.history = {k: v.to(device) for k, v in self.history.items()}
+        for child in self.tiles.values():
+            child.to(device)
         return self
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.history.values())
+        own = sum(t.numel() * t.element_size() for t in self.history.values())
+        return own + sum(child.nbytes() for child in self.tiles.values())

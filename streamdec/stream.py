@@ -17,6 +17,7 @@ import torch
 
 from .latents import as_latents
 from .state import StreamState
+from .tiling import decode_tiled, parse_tile, supports_tiling
 from .vae import VAE
 
 
@@ -27,13 +28,18 @@ class StreamDecoder:
     T >= 1, and returns the frames that are now final; `close()` returns the rest. Frames are
     numpy uint8 (H, W, 3) RGB, or with `as_tensor=True` float32 CPU tensors (3, H, W) in [-1, 1].
     With `normalized=True` the latents are as the diffusion model makes them and are first
-    de-normalized with the family's per-channel statistics (z * std + mean).
+    de-normalized with the family's per-channel statistics (z * std + mean). `tile` (latent
+    pixels, an int or (height, width)) decodes each frame in spatial tiles, with output equal to
+    the untiled decode and activation memory bounded by the tile.
     """
 
-    def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False):
+    def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False, tile=None):
         self.vae = vae
         self.normalized = normalized
         self.as_tensor = as_tensor
+        self.tile = parse_tile(tile)
+        if self.tile is not None and not supports_tiling(vae.decoder):
+            raise ValueError(f"the {vae.family_spec.title} decoder cannot be tiled exactly; use tile=None")
         self.state: StreamState | None = StreamState()
         self._frame_size: tuple[int, int] | None = None
 
@@ -72,21 +78,24 @@ class StreamDecoder:
         z = z.to(vae.device, non_blocking=True)
         z = vae.denormalize(z) if self.normalized else z.float()
         with torch.inference_mode():
-            video = vae.decoder(z.to(vae.dtype), state)
+            if self.tile is None:
+                video = vae.decoder(z.to(vae.dtype), state)
+            else:
+                video = decode_tiled(vae.decoder, z.to(vae.dtype), state, self.tile, vae.spatial_ratio)
         state.frames_in += z.shape[2]
         state.frames_out += video.shape[2]
         return to_host_tensors(video) if self.as_tensor else to_host_uint8(video)
 
 
-def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False) -> Iterator:
+def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False, tile=None) -> Iterator:
     """Decode a whole latent video frame by frame.
 
     `latents`: torch tensor or numpy array, (C, T, h, w) or (1, C, T, h, w). Returns a generator
     of `1 + temporal_ratio * (T - 1)` frames: numpy uint8 (H, W, 3) RGB equal to
     round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
-    [-1, 1]. The latents are checked here, before any frame is decoded."""
+    [-1, 1]. `tile`: see StreamDecoder. The latents are checked here, before any frame is decoded."""
     z = as_latents(latents, vae.latent_channels)
-    stream = StreamDecoder(vae, normalized=normalized, as_tensor=as_tensor)
+    stream = StreamDecoder(vae, normalized=normalized, as_tensor=as_tensor, tile=tile)
     stream._frame_size = tuple(z.shape[-2:])
     return _frames(stream, z)
 
@@ -126,25 +135,27 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
 
 def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None = None, crf: int | None = None,
                    preset: str | None = None, pix_fmt: str | None = None, format: str | None = None,
-                   normalized: bool = True, progress: bool = True, options: dict | None = None) -> int:  # fmt: skip
+                   normalized: bool = True, progress: bool = True, options: dict | None = None,
+                   tile=None) -> int:  # fmt: skip
     """Decode `latents` straight into a video file (or a binary stream such as stdout).
 
     Frames go from the decoder through a bounded queue to a writer thread that encodes them
     with PyAV as they arrive. The container follows the extension or `format` (mp4, mkv, webm,
     mov, nut, y4m; rgb24 for raw bytes); `codec` defaults to libx264 (libsvtav1 for webm).
-    `options` pass straight to the encoder. On an error or Ctrl-C the file is closed cleanly
+    `options` pass straight to the encoder; `tile`: see StreamDecoder. On an error or Ctrl-C the file is closed cleanly
     with every frame decoded so far. Returns the number of frames written."""
     from .progress import Progress
     from .sinks import FrameWriter, open_sink
 
     z = as_latents(latents, vae.latent_channels)
+    frames = decode_frames(vae, z, normalized=normalized, tile=tile)  # checks its arguments now
     height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
     sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
                      pix_fmt=pix_fmt, options=options)  # fmt: skip
     bar = Progress(vae.frames_for(z.shape[2]), enabled=progress)
     try:
         with FrameWriter(sink) as writer:
-            for frame in decode_frames(vae, z, normalized=normalized):
+            for frame in frames:
                 writer.put(frame)
                 bar.update()
     except BaseException:

@@ -248,3 +248,18 @@ def test_demo(tmp_path, capsys):
     assert len(frames) == 9 and frames[0].shape == (48, 64, 3)
     code = main(["demo", "-o", str(tmp_path / "d.mp4"), "--size", "big"])
     assert_clean_error(capsys, code, "--size must be HEIGHTxWIDTH")
+
+
+def test_tiled_decode_equals_untiled(files, tmp_path, expected_frames):
+    out = tmp_path / "tiled.mkv"
+    assert main(["decode", str(files["npy"]), "--vae", str(files["vae"]), "-o", str(out), "--codec", "ffv1",
+                 "--tile", "2x3", "--quiet"]) == 0  # fmt: skip
+    frames = decoded(out)
+    assert len(frames) == 9 and all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(frames, expected_frames))
+
+
+@pytest.mark.parametrize("args", [["--tile", "0"], ["--tile", "axb"], ["--fps", "fast"], ["--bogus"]])
+def test_usage_errors_are_one_line(files, tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["decode", str(files["npy"]), "--vae", str(files["vae"]), "-o", str(tmp_path / "o.mp4"), *args])
+    assert_clean_error(capsys, exit_info.value.code)

@@ -173,25 +173,47 @@ class Decoder3d(nn.Module):
         self.norm_out = RMSNorm(blocks[-1][1])
         self.conv_out = CausalConv3d(blocks[-1][1], 3, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(x, state), state)
-        for block in self.up_blocks:
-            x = block(x, state)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True), state)
-
 
 class WanDecoder(nn.Module):
     """De-normalized latents (B, z_dim, t, h, w) -> video in [-1, 1] (B, 3, frames, 8h, 8w),
-    unclamped. Parameter names are those of diffusers' AutoencoderKLWan (decoder side)."""
+    unclamped. Parameter names are those of diffusers' AutoencoderKLWan (decoder side).
+
+    For exact spatial tiling the decoder is two parts: `decode_global` (up to the mid block, whose
+    attention spans the whole frame; cheap, at latent resolution) and `decode_local` (the
+    upsampling stages and the head, where every output pixel depends only on latent pixels
+    within `local_halo` of it)."""
 
     def __init__(self, config: WanConfig):
         super().__init__()
         self.config = config
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
+        self.local_halo = up_path_halo(config)
+
+    def decode_global(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
+        d = self.decoder
+        return d.mid_block(d.conv_in(self.post_quant_conv(z, state), state), state)
+
+    def decode_local(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        d = self.decoder
+        for block in d.up_blocks:
+            x = block(x, state)
+        return d.conv_out(F.silu(d.norm_out(x), inplace=True), state)
 
     def forward(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z, state), state)
+        return self.decode_local(self.decode_global(z, state), state)
+
+
+def up_path_halo(config: WanConfig) -> int:
+    """How far (in latent pixels) an output pixel of `decode_local` can see: the spatial reach of
+    its 3x3 convolutions, walked back from the output one scale at a time (rounding up at each
+    2x upsampling, which maps output pixel i to input pixel i // 2)."""
+    reach = 1  # conv_out, at the output scale
+    for _, _, upsampler in reversed(config.block_channels()):
+        if upsampler is not None:
+            reach = math.ceil((reach + 1) / 2)  # the upsampler's 3x3 conv, then back through nearest 2x
+        reach += 2 * (config.num_res_blocks + 1)  # two 3x3 convs per residual block
+    return reach
 
 
 # ---------------------------------------------------------------------------- checkpoints
