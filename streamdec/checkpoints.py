@@ -20,6 +20,7 @@ from torch import nn
 
 from . import families
 from .families import LayoutError
+from .offload import MODES, attach
 from .vae import VAE, resolve_device, resolve_dtype
 
 SHOW = 5  # how many offending keys an error message lists
@@ -159,8 +160,8 @@ def load_vae(src, device=None, dtype=None, offload: str = "none") -> VAE:
     The family is detected from the tensor names. `device`: "cpu", "cuda", ... (default: CUDA if
     present); `dtype`: fp32 (default), bf16 or fp16; `offload`: "none" (weights on the device)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if offload != "none":
-        raise ValueError(f"offload={offload!r} is not available yet; use offload='none'")
+    if offload not in MODES:
+        raise ValueError(f"unknown offload mode {offload!r}; use one of {', '.join(MODES)}")
     source = open_checkpoint(src)
     try:
         family, layout = families.detect(source.shapes)
@@ -172,11 +173,13 @@ def load_vae(src, device=None, dtype=None, offload: str = "none") -> VAE:
     except LayoutError as err:
         raise CheckpointError(f"{source.description}: {err}") from None
     _check_tensors(source, family, layout, renames, decoder)
-    weights = {new: source.get(old).to(device=device, dtype=dtype, copy=True) for old, new in renames.items()}
+    home = device if offload == "none" else torch.device("cpu")  # offloaded weights rest on the host
+    weights = {new: source.get(old).to(device=home, dtype=dtype, copy=True) for old, new in renames.items()}
     decoder.load_state_dict(weights, strict=True, assign=True)
     decoder.eval().requires_grad_(False)
+    offloader = attach(decoder, decoder.offload_blocks(), device, offload)
     stored = Counter(source.dtypes[old] for old in renames).most_common(1)[0][0]
-    return VAE(family, config, decoder, device, dtype, stored, source.description, offload)
+    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader)
 
 
 def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str, str], decoder: nn.Module) -> None:

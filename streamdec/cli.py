@@ -73,7 +73,9 @@ def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None
     p.add_argument("--tile", type=_tile_arg, help="decode in spatial tiles of N or HxW latent pixels; "
                                                   "same output, less memory (default: untiled)")  # fmt: skip
     if offload:
-        p.add_argument("--offload", default="none", help="weight offloading: none")
+        p.add_argument("--offload", default="none", choices=["none", "model", "block"],
+                       help="weights on the device (none), there while a chunk decodes (model), "
+                            "or per block with prefetch (block)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

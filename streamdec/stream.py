@@ -67,10 +67,14 @@ class StreamDecoder:
 
     def _push_checked(self, z: torch.Tensor) -> list:
         frames = []
-        # One latent frame per decoder call, as the reference does: activations stay the size
-        # of one latent frame's output whatever the chunk length.
-        for t in range(z.shape[2]):
-            frames.extend(self._decode(z[:, :, t : t + 1]))
+        try:
+            # One latent frame per decoder call, as the reference does: activations stay the size
+            # of one latent frame's output whatever the chunk length.
+            for t in range(z.shape[2]):
+                frames.extend(self._decode(z[:, :, t : t + 1]))
+        finally:
+            if self.vae.offloader is not None:
+                self.vae.offloader.chunk_done()
         return frames
 
     def _decode(self, z: torch.Tensor) -> list:

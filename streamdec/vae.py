@@ -40,7 +40,7 @@ class VAE:
     """What `load_vae` returns. `decoder(latents, state)` maps de-normalized latents to video."""
 
     def __init__(self, family: Family, config, decoder: nn.Module, device: torch.device, dtype: torch.dtype,
-                 stored_dtype: torch.dtype, source: str, offload: str = "none"):  # fmt: skip
+                 stored_dtype: torch.dtype, source: str, offloader=None):  # fmt: skip
         self.family_spec = family
         self.config = config
         self.decoder = decoder
@@ -48,7 +48,7 @@ class VAE:
         self.dtype = dtype
         self.stored_dtype = stored_dtype
         self.source = source
-        self.offload = offload
+        self.offloader = offloader  # a streamdec.offload.Offloader, or None: weights stay on the device
         shape = (1, -1, 1, 1, 1)
         self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
         self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)
@@ -69,7 +69,14 @@ class VAE:
     def spatial_ratio(self) -> int:
         return self.family_spec.spatial_ratio
 
+    @property
+    def offload(self) -> str:
+        return "none" if self.offloader is None else self.offloader.mode
+
     def num_parameters(self) -> int:
+        offloader = self.offloader
+        if offloader is not None:  # released weights are placeholders: count the resting copies
+            return sum(t.numel() for t in offloader.rest.values())
         return sum(p.numel() for p in self.decoder.parameters())
 
     def frames_for(self, latent_frames: int) -> int:

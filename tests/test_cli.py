@@ -263,3 +263,11 @@ def test_usage_errors_are_one_line(files, tmp_path, capsys, args):
     with pytest.raises(SystemExit) as exit_info:
         main(["decode", str(files["npy"]), "--vae", str(files["vae"]), "-o", str(tmp_path / "o.mp4"), *args])
     assert_clean_error(capsys, exit_info.value.code)
+
+
+@pytest.mark.parametrize("mode", ["model", "block"])
+def test_offload_modes_from_the_command_line(files, tmp_path, expected_frames, mode):
+    out = tmp_path / "off.mkv"
+    assert main(["decode", str(files["npy"]), "--vae", str(files["vae"]), "-o", str(out), "--codec", "ffv1",
+                 "--offload", mode, "--quiet"]) == 0  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(decoded(out), expected_frames))

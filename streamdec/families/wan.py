@@ -203,6 +203,14 @@ class WanDecoder(nn.Module):
     def forward(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
         return self.decode_local(self.decode_global(z, state), state)
 
+    def offload_blocks(self) -> list[nn.Module]:
+        """The units weight offloading moves, in the order they run."""
+        d = self.decoder
+        blocks = [self.post_quant_conv, d.conv_in, d.mid_block]
+        for up in d.up_blocks:
+            blocks += list(up.resnets) + (list(up.upsamplers) if up.upsamplers is not None else [])
+        return blocks + [d.norm_out, d.conv_out]
+
 
 def up_path_halo(config: WanConfig) -> int:
     """How far (in latent pixels) an output pixel of `decode_local` can see: the spatial reach of

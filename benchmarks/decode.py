@@ -1,0 +1,321 @@
+"""streamdec against diffusers on the same full-size random-weight Wan 2.1 decoder, in one run.
+
+    python benchmarks/decode.py                 # CPU, small frames, a few minutes
+    python benchmarks/decode.py --device cuda   # 480p and 720p, fp32 and bf16, a 24 GB card emulated
+
+Measures, for each method and video length:
+- end-to-end latents -> mp4 time. streamdec: `decode_to_file` (decoding and encoding overlap in
+  two threads). diffusers: `AutoencoderKLWan.decode`, then every frame to uint8 and into the
+  same PyAV encoder with the same settings, as diffusers users do (sequential).
+- peak host memory growth during the run (RSS sampled every 2 ms, minus RSS before it), and on
+  CUDA the peak `torch.cuda.max_memory_allocated`;
+and once per configuration: decode-only throughput (frames/s, ratio streamdec/diffusers) and the
+fraction of the machine's measured matmul FLOP/s that streamdec's decoding reaches (decoder FLOPs
+counted with torch.utils.flop_counter).
+
+Each (method, length) runs in a fresh process so memory peaks do not leak between runs. Results
+go to docs/benchmarks/decode-<device>.json and PNG plots beside it (plots need matplotlib:
+`pip install -e ".[plots]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------- shared pieces
+
+
+def build_models(device: str, dtype: torch.dtype):
+    """The same random full-size Wan 2.1 VAE for both: diffusers' object, and streamdec loading it."""
+    from diffusers import AutoencoderKLWan
+
+    import streamdec
+
+    torch.manual_seed(0)
+    reference = AutoencoderKLWan().eval()  # released sizes; weights random (no download here)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    ours = streamdec.load_vae(reference, device=device, dtype=dtype)
+    reference = reference.to(device=device, dtype=dtype)
+    return reference, ours
+
+
+def latents_for(frames: int, size: tuple[int, int], device: str) -> torch.Tensor:
+    t = (frames - 1) // 4 + 1
+    return torch.randn(1, 16, t, *size, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; `.growth` = peak - start."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.growth = self.peak - self.start
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def diffusers_frames(reference, z):
+    """What diffusers users do: decode the whole video, then convert it to uint8 frames."""
+    with torch.no_grad():
+        video = reference.decode(z).sample
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- one run per process
+
+
+def worker(method: str, frames: int, size, device: str, dtype: str, memory_fraction: float | None) -> dict:
+    import streamdec
+    from streamdec.sinks import VideoSink
+
+    if memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(memory_fraction)
+    reference, ours = build_models(device, streamdec.vae.resolve_dtype(dtype))
+    z = latents_for(frames, size, device)
+    if method == "streamdec":
+        del reference  # each side holds only what it needs
+    path = Path(tempfile.mkdtemp()) / "out.mp4"
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    error = None
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        try:
+            if method == "streamdec":
+                written = streamdec.decode_to_file(ours, z, path, normalized=False, progress=False)
+            else:
+                video = diffusers_frames(reference, z)
+                sink = VideoSink(path, video.shape[2], video.shape[1], fps=16)
+                for frame in video:
+                    sink.write(frame)
+                sink.close()
+                written = len(video)
+        except torch.OutOfMemoryError as err:
+            error, written = f"out of memory: {str(err).splitlines()[0][:120]}", 0
+        sync(device)
+        elapsed = time.perf_counter() - start
+    result = {"method": method, "frames": frames, "written": written, "seconds": elapsed,
+              "host_growth_bytes": rss.growth, "error": error}  # fmt: skip
+    if device.startswith("cuda"):
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+# ---------------------------------------------------------------------------- in-process measures
+
+
+def throughput(frames: int, size, device: str, dtype: str, repeats: int = 2) -> dict:
+    """Decode-only frames/s for both methods, and streamdec's share of the machine's matmul peak."""
+    import streamdec
+
+    reference, ours = build_models(device, streamdec.vae.resolve_dtype(dtype))
+    z = latents_for(frames, size, device)
+
+    def timed(fn):
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    ours_s = timed(lambda: sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False)))
+    theirs_s = timed(lambda: diffusers_frames(reference, z))
+    n = 1 + 4 * (z.shape[2] - 1)
+    flops = decoder_flops(ours, z)
+    peak = matmul_flops_per_second(device, ours.dtype)
+    return {
+        "frames": n, "streamdec_fps": n / ours_s, "diffusers_fps": n / theirs_s,
+        "ratio": theirs_s / ours_s, "decoder_flops": flops, "matmul_peak_flops": peak,
+        "streamdec_flops_fraction": flops / ours_s / peak, "diffusers_flops_fraction": flops / theirs_s / peak,
+    }  # fmt: skip
+
+
+def decoder_flops(vae, z) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import streamdec
+
+    with FlopCounterMode(display=False) as counter:
+        for _ in streamdec.decode_frames(vae, z, normalized=False):
+            pass
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_second(device: str, dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.startswith("cuda") and count % 20:
+            continue
+        sync(device)
+    sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def configurations(device: str) -> list[dict]:
+    if device == "cpu":
+        return [{"name": "cpu-48x64-fp32", "size": (6, 8), "dtype": "fp32"}]
+    return [
+        {"name": f"{res}-{dtype}", "size": size, "dtype": dtype}
+        for res, size in (("480p", (60, 104)), ("720p", (90, 160)))
+        for dtype in ("fp32", "bf16")
+    ]
+
+
+def run_worker_process(method, frames, config, device, fraction) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(frames), "--size", "x".join(map(str, config["size"])),
+           "--dtype", config["dtype"], "--device", device]  # fmt: skip
+    if fraction:
+        cmd += ["--memory-fraction", str(fraction)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"method": method, "frames": frames, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
+    if device.startswith("cuda"):
+        text = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB), " + text
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", default="17,41,81,161,321", help="video lengths in frames")
+    parser.add_argument("--card-gib", type=float, default=24.0, help="GPU memory to emulate (CUDA only)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "FRAMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-fraction", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        size = tuple(int(s) for s in args.size.split("x"))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), size, args.device, args.dtype,
+                                args.memory_fraction)))  # fmt: skip
+        return
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    fraction = None
+    if args.device.startswith("cuda"):
+        fraction = min(1.0, args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
+    results = {"machine": machine(args.device), "device": args.device, "configs": []}
+    for config in configurations(args.device):
+        print(f"== {config['name']}", flush=True)
+        runs = []
+        for frames in lengths:
+            for method in ("streamdec", "diffusers"):
+                run = run_worker_process(method, frames, config, args.device, fraction)
+                runs.append(run)
+                print(f"   {method:9s} {frames:4d} frames: " + summary(run), flush=True)
+        speed = throughput(lengths[min(2, len(lengths) - 1)], config["size"], args.device, config["dtype"])
+        print(f"   decode-only {speed['frames']} frames: streamdec {speed['streamdec_fps']:.2f} fps, "
+              f"diffusers {speed['diffusers_fps']:.2f} fps, ratio {speed['ratio']:.2f}x; "
+              f"{100 * speed['streamdec_flops_fraction']:.1f}% of matmul peak", flush=True)  # fmt: skip
+        results["configs"].append({**config, "runs": runs, "throughput": speed})
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"decode-{args.device.split(':')[0]}.json"
+    json_path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {json_path}")
+    plot(results, out)
+
+
+def summary(run: dict) -> str:
+    if run.get("error"):
+        return f"FAILED ({run['error']})"
+    text = f"{run['seconds']:7.2f} s, host +{run['host_growth_bytes'] / 2**20:7.1f} MiB"
+    if "gpu_peak_bytes" in run:
+        text += f", GPU peak {run['gpu_peak_bytes'] / GIB:6.2f} GiB"
+    return text
+
+
+def plot(results: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install -e '.[plots]')")
+        return
+    device = results["device"].split(":")[0]
+    panels = [("host_growth_bytes", "peak host memory growth (MiB)", 2**20), ("seconds", "latents -> mp4 time (s)", 1)]
+    if device == "cuda":
+        panels.insert(1, ("gpu_peak_bytes", "peak GPU memory (GiB)", GIB))
+    for config in results["configs"]:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+        for ax, (key, label, unit) in zip(axes, panels):
+            for method, style in (("streamdec", "o-"), ("diffusers", "s--")):
+                runs = [r for r in config["runs"] if r["method"] == method and not r.get("error")]
+                ax.plot([r["frames"] for r in runs], [r[key] / unit for r in runs], style, label=method)
+            ax.set_xlabel("video length (frames)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"Wan 2.1 decode, {config['name']} — {results['machine']}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"decode-{config['name']}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Weight offloading: decoder weights rest in (pinned) CPU memory and visit the execution device
+only while they are needed. Numerics are unchanged by any mode.
+
+- "model": the whole decoder is onloaded when a chunk starts and released when it ends, so the GPU
+  is free for the diffusion model between chunks.
+- "block": each block (residual block, upsampler, mid block, head layers) is onloaded just before
+  it runs and released after. On CUDA, the hook of block i starts copying the block expected next
+  on a side stream, so transfers overlap compute; at most two blocks are resident at once.
+
+Blocks get accelerate `ModelHook`s (`add_hook_to_module`); one `Offloader` per decoder owns the
+resting copies and decides what is resident. Released parameters hold a zero-size placeholder,
+so they take no device memory. The block that follows another is learned as the decoder runs
+(tiled decoding repeats the upsampling blocks per tile), so prefetch follows the real order.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+from torch import nn
+
+MODES = ("none", "model", "block")
+
+
+class BlockHook(ModelHook):
+    """Tells the offloader when its block starts and ends."""
+
+    def __init__(self, offloader: "Offloader"):
+        self.offloader = offloader
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.offloader.before(module)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.offloader.after(module)
+        return output
+
+
+class Offloader:
+    def __init__(self, blocks: list[nn.Module], device: torch.device, mode: str):
+        if mode not in ("model", "block"):
+            raise ValueError(f"unknown offload mode {mode!r}; use one of {', '.join(MODES)}")
+        self.blocks, self.device, self.mode = blocks, torch.device(device), mode
+        self.cuda = self.device.type == "cuda"
+        pin = self.cuda and torch.cuda.is_available()
+        # The resting copy of every weight: pinned CPU memory, so copies can be asynchronous.
+        self.rest = {p: (p.detach().cpu().pin_memory() if pin else p.detach().cpu()) for b in blocks for p in _params(b)}
+        self.resident: set[nn.Module] = set()
+        self.arriving: dict[nn.Module, torch.cuda.Event] = {}
+        self.successor: dict[nn.Module, nn.Module] = {}
+        self.previous: nn.Module | None = None
+        self.side_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.copy_streams: set = set()  # the streams weights were copied on (for tests)
+        self.block_bytes = {b: sum(p.numel() * p.element_size() for p in _params(b)) for b in blocks}
+        self.peak_resident_bytes = 0
+        for block in blocks:
+            self._release(block)
+            add_hook_to_module(block, BlockHook(self))
+
+    # -- called by the hooks and the stream decoder
+
+    def before(self, block: nn.Module) -> None:
+        if self.previous is not None:
+            self.successor[self.previous] = block
+        if self.mode == "model":
+            for b in self.blocks:
+                if b not in self.resident:
+                    self._onload(b)
+            self._wait_all()
+        else:
+            nxt = self.successor.get(block)
+            for b in list(self.resident):
+                if b is not block and b is not nxt:  # a wrong guess from last time
+                    self._release(b)
+            if block not in self.resident:
+                self._onload(block)
+            self._wait(block)
+            if nxt is not None and nxt is not block and nxt not in self.resident:
+                self._onload(nxt, prefetch=True)
+        self.peak_resident_bytes = max(self.peak_resident_bytes, sum(self.block_bytes[b] for b in self.resident))
+
+    def after(self, block: nn.Module) -> None:
+        self.previous = block
+        if self.mode == "block":
+            self._release(block)
+
+    def chunk_done(self) -> None:
+        """The chunk is decoded: give the device back (the next chunk may be a while)."""
+        for b in list(self.resident):
+            self._release(b)
+
+    def remove(self) -> None:
+        """Detach the hooks and leave every weight in its resting CPU copy."""
+        for block in self.blocks:
+            remove_hook_from_module(block)
+            # accelerate leaves the original bound forward on the instance; drop it, so the
+            # module is exactly as before (class forward, no instance attributes).
+            vars(block).pop("forward", None)
+            self._release(block, to_rest=True)
+
+    # -- moving weights
+
+    def _onload(self, block: nn.Module, prefetch: bool = False) -> None:
+        params = _params(block)
+        if not self.cuda:
+            for p in params:
+                p.data = self.rest[p]
+        else:
+            stream = self.side_stream if prefetch else torch.cuda.current_stream(self.device)
+            self.copy_streams.add(stream)
+            with torch.cuda.stream(stream):
+                for p in params:
+                    p.data = self.rest[p].to(self.device, non_blocking=True)
+            if prefetch:
+                event = torch.cuda.Event()
+                event.record(stream)
+                self.arriving[block] = event
+        self.resident.add(block)
+
+    def _wait(self, block: nn.Module) -> None:
+        event = self.arriving.pop(block, None)
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for p in _params(block):  # used on this stream: keep the memory until it is done
+                p.data.record_stream(current)
+
+    def _wait_all(self) -> None:
+        for block in list(self.arriving):
+            self._wait(block)
+
+    def _release(self, block: nn.Module, to_rest: bool = False) -> None:
+        self.arriving.pop(block, None)
+        for p in _params(block):
+            p.data = self.rest[p] if to_rest else _placeholder(self.rest[p])
+        self.resident.discard(block)
+
+
+def attach(decoder: nn.Module, blocks: list[nn.Module], device, mode: str) -> Offloader | None:
+    """Attach offload hooks for `mode` to `decoder`'s `blocks`, which must hold all its weights."""
+    if mode == "none":
+        return None
+    covered = {p for b in blocks for p in _params(b)}
+    missing = [n for n, p in decoder.named_parameters() if p not in covered]
+    if missing:
+        raise ValueError(f"offload blocks leave out {len(missing)} parameters, e.g. {missing[0]}")
+    return Offloader(blocks, device, mode)
+
+
+def _params(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters())
+
+
+def _placeholder(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=like.dtype)
