@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import families
+from .errors import first_line
 from .families import LayoutError
 from .offload import MODES, attach
 from .vae import VAE, resolve_device, resolve_dtype
@@ -92,7 +93,7 @@ def _from_safetensors(files: list[Path], description: str, config: dict | None =
                 dtypes[key] = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
                 where[key] = handle
         except Exception as err:
-            raise CheckpointError(f"cannot read {file}: not a valid .safetensors file ({_first_line(err)})") from None
+            raise CheckpointError(f"cannot read {file}: not a valid .safetensors file ({first_line(err)})") from None
     return TensorSource(description, shapes, dtypes, lambda key: where[key].get_tensor(key), config)
 
 
@@ -110,7 +111,7 @@ def _from_torch_file(path: Path) -> TensorSource:
                 f"{path} holds Python objects besides tensors and is not loaded for safety (weights_only=True); "
                 "save its state_dict() instead"
             ) from None
-        raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({first_line(err)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -128,7 +129,7 @@ def _from_folder(path: Path) -> TensorSource:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {config_file}: {_first_line(err)}") from None
+        raise CheckpointError(f"cannot read {config_file}: {first_line(err)}") from None
     single = path / "diffusion_pytorch_model.safetensors"
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if single.is_file():
@@ -137,7 +138,7 @@ def _from_folder(path: Path) -> TensorSource:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"cannot read {index}: {_first_line(err)}") from None
+            raise CheckpointError(f"cannot read {index}: {first_line(err)}") from None
         return _from_safetensors([path / s for s in shards], str(path), config)
     if (path / "diffusion_pytorch_model.bin").is_file():
         source = _from_torch_file(path / "diffusion_pytorch_model.bin")
@@ -211,7 +212,3 @@ def _listing(items: list[str]) -> str:
     more = f" and {len(items) - SHOW} more" if len(items) > SHOW else ""
     return "; ".join(items[:SHOW]) + more
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoints import quiet_torch_load
+from .errors import first_line
 
 
 def as_latents(latents, channels: int, what: str = "latents") -> torch.Tensor:
@@ -71,7 +72,7 @@ def read_latents(path: str | os.PathLike, key: str | None = None) -> torch.Tenso
         else:
             tensors = quiet_torch_load(path)
     except Exception as err:  # corrupt files raise anything from pickle, zipfile, numpy or safetensors
-        raise ValueError(f"cannot read latent file {path}: {_first_line(err)}") from None
+        raise ValueError(f"cannot read latent file {path}: {first_line(err)}") from None
     return _pick_tensor(tensors, key, path)
 
 
@@ -94,7 +95,3 @@ def _pick_tensor(obj, key: str | None, path: Path) -> torch.Tensor:
     names = ", ".join(sorted(tensors)[:8]) or "none"
     raise ValueError(f"{path} holds several tensors ({names}) and none is named 'latents'; choose one with --key")
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

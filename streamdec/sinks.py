@@ -95,6 +95,11 @@ class VideoSink:
         if preset or default_preset:
             opts["preset"] = str(preset or default_preset)
         opts.update({k: str(v) for k, v in (options or {}).items()})
+        # x265 and SVT-AV1 print pages of banners to stderr; keep them to errors.
+        if codec == "libx265":
+            opts.setdefault("x265-params", "log-level=error")
+        if codec == "libsvtav1":
+            os.environ.setdefault("SVT_LOG", "1")
 
         # Every packet goes to the file at once, so a killed process leaves what it had encoded.
         container_options = {"flush_packets": "1"}

@@ -36,6 +36,19 @@ def reference_decode(model, z: torch.Tensor) -> torch.Tensor:
         return model.decode(z).sample
 
 
+def stream_video(vae, latents, chunks, tile=None, normalized=True) -> torch.Tensor:
+    """Push `latents` (C, T, h, w) through a StreamDecoder in chunks of the given lengths;
+    return the video as one (3, F, H, W) float32 tensor."""
+    import streamdec
+
+    decoder = streamdec.StreamDecoder(vae, normalized=normalized, as_tensor=True, tile=tile)
+    frames, start = [], 0
+    for n in chunks:
+        frames += decoder.push(latents[:, start : start + n])
+        start += n
+    return torch.stack(frames + decoder.close(), dim=1)
+
+
 def denormalize(model, z: torch.Tensor) -> torch.Tensor:
     """What the diffusers Wan pipeline does before `vae.decode`."""
     mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)

@@ -9,6 +9,7 @@ from accelerate.hooks import ModelHook
 
 import streamdec
 from streamdec.offload import Offloader
+from conftest import stream_video
 
 MODES = ["none", "model", "block"]
 LATENTS = torch.randn(16, 4, 14, 18, generator=torch.Generator().manual_seed(21))
@@ -20,12 +21,7 @@ def checkpoint(checkpoints):
 
 
 def decode(vae, chunks, tile=None):
-    decoder = streamdec.StreamDecoder(vae, as_tensor=True, tile=tile)
-    frames, start = [], 0
-    for n in chunks:
-        frames += decoder.push(LATENTS[:, start : start + n])
-        start += n
-    return torch.stack(frames + decoder.close(), dim=1)
+    return stream_video(vae, LATENTS, chunks, tile=tile)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import streamdec
 from streamdec.families.wan import WanConfig, up_path_halo
 from streamdec.tiling import tile_spans
-from conftest import denormalize, official_state_dict, random_wan, reference_decode
+from conftest import denormalize, official_state_dict, random_wan, reference_decode, stream_video
 from test_wan_equality import assert_equal_video
 
 # One residual block per stage (halo 5) keeps the many-tile cases fast; the frame is large
@@ -37,16 +37,7 @@ def latents():
 
 @pytest.fixture(scope="module")
 def untiled(vae, latents):
-    return stream(vae, latents, [3], tile=None)
-
-
-def stream(vae, latents, chunks, tile):
-    decoder = streamdec.StreamDecoder(vae, as_tensor=True, tile=tile)
-    frames, start = [], 0
-    for n in chunks:
-        frames += decoder.push(latents[:, start : start + n])
-        start += n
-    return torch.stack(frames + decoder.close(), dim=1)
+    return stream_video(vae, latents, [3], tile=None)
 
 
 def test_halo_of_the_released_decoder():
@@ -64,13 +55,13 @@ def test_untiled_equals_diffusers(model, untiled, latents):
     ids=["7-divides-rows", "7x6-divides-chunked", "5-does-not-divide", "4x9", "14x3-per-frame", "larger-than-frame"],
 )
 def test_tiled_equals_untiled(vae, latents, untiled, tile, chunks):
-    assert_equal_video(stream(vae, latents, chunks, tile), untiled)
+    assert_equal_video(stream_video(vae, latents, chunks, tile), untiled)
 
 
 def test_a_smaller_halo_would_show(vae, latents, untiled, monkeypatch):
     """The equality above is not vacuous: cutting the halo short changes the output."""
     monkeypatch.setattr(vae.decoder, "local_halo", vae.decoder.local_halo - 2)
-    err = (stream(vae, latents, [1, 2], 5) - untiled).abs().max().item()
+    err = (stream_video(vae, latents, [1, 2], 5) - untiled).abs().max().item()
     assert err > 1e-4  # the equality tests' tolerance
 
 
@@ -80,7 +71,7 @@ def test_released_block_counts(latents):
     z = torch.randn(16, 2, 30, 34, generator=torch.Generator().manual_seed(14))
     vae = streamdec.load_vae(model, device="cpu")
     reference = reference_decode(model, denormalize(model, z[None]))[0]
-    assert_equal_video(stream(vae, z, [1, 1], (15, 17)), reference)
+    assert_equal_video(stream_video(vae, z, [1, 1], (15, 17)), reference)
 
 
 def test_each_tile_keeps_its_own_caches(vae, latents):

@@ -11,21 +11,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import streamdec
-from conftest import LATENT_SHAPE, denormalize, official_state_dict, random_wan, reference_decode
+from conftest import LATENT_SHAPE, denormalize, official_state_dict, random_wan, reference_decode, stream_video
 
 TOL = 1e-4
 LOAD_PATHS = ["official-pth", "official-safetensors", "diffusers-folder", "diffusers-pipeline", "live-object"]
-
-
-def stream_video(vae, latents, chunks, normalized=True) -> torch.Tensor:
-    """Push `latents` in chunks of the given lengths; return (3, F, H, W) float32."""
-    decoder = streamdec.StreamDecoder(vae, normalized=normalized, as_tensor=True)
-    frames, start = [], 0
-    for n in chunks:
-        frames += decoder.push(latents[:, start : start + n])
-        start += n
-    frames += decoder.close()
-    return torch.stack(frames, dim=1)
 
 
 def assert_equal_video(ours: torch.Tensor, reference: torch.Tensor):
