@@ -193,3 +193,6 @@ def test_bad_arguments(checkpoints):
         streamdec.load_vae(checkpoints["official-pth"], device="gpu0")
     with pytest.raises(CheckpointError, match="cannot load a VAE from a int"):
         streamdec.load_vae(3, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="this machine has no CUDA GPU"):
+            streamdec.load_vae(checkpoints["official-pth"], device="cuda")
