@@ -81,11 +81,12 @@ class StreamDecoder:
         vae, state = self.vae, self.state
         z = z.to(vae.device, non_blocking=True)
         z = vae.denormalize(z) if self.normalized else z.float()
+        z = z.to(vae.dtype)
         with torch.inference_mode():
             if self.tile is None:
-                video = vae.decoder(z.to(vae.dtype), state)
+                video = vae.decoder(z, state)
             else:
-                video = decode_tiled(vae.decoder, z.to(vae.dtype), state, self.tile, vae.spatial_ratio)
+                video = decode_tiled(vae.decoder, z, state, self.tile, vae.spatial_ratio)
         state.frames_in += z.shape[2]
         state.frames_out += video.shape[2]
         return to_host_tensors(video) if self.as_tensor else to_host_uint8(video)
@@ -99,12 +100,12 @@ def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = 
     round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
     [-1, 1]. `tile`: see StreamDecoder. The latents are checked here, before any frame is decoded."""
     z = as_latents(latents, vae.latent_channels)
-    stream = StreamDecoder(vae, normalized=normalized, as_tensor=as_tensor, tile=tile)
-    stream._frame_size = tuple(z.shape[-2:])
-    return _frames(stream, z)
+    return _frames(StreamDecoder(vae, normalized=normalized, as_tensor=as_tensor, tile=tile), z)
 
 
 def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
+    """Frames of latents `z` that `as_latents` has already checked."""
+    stream._frame_size = tuple(z.shape[-2:])
     for t in range(z.shape[2]):
         pending = deque(stream._push_checked(z[:, :, t : t + 1]))
         while pending:  # popleft: the generator holds no frame it has yielded
@@ -152,7 +153,7 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
     from .sinks import FrameWriter, open_sink
 
     z = as_latents(latents, vae.latent_channels)
-    frames = decode_frames(vae, z, normalized=normalized, tile=tile)  # checks its arguments now
+    frames = _frames(StreamDecoder(vae, normalized=normalized, tile=tile), z)  # checks `tile` now
     height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
     sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
                      pix_fmt=pix_fmt, options=options)  # fmt: skip
