@@ -248,6 +248,11 @@ def test_demo(tmp_path, capsys):
     assert len(frames) == 9 and frames[0].shape == (48, 64, 3)
     code = main(["demo", "-o", str(tmp_path / "d.mp4"), "--size", "big"])
     assert_clean_error(capsys, code, "--size must be HEIGHTxWIDTH")
+    code = main(["demo", "-o", str(tmp_path / "d.mp4"), "--width", "0"])
+    assert_clean_error(capsys, code, "--width must be a positive number of channels")
+    code = main(["demo", "-o", str(tmp_path / "d.mp4"), "--latent-frames", "0"])
+    assert_clean_error(capsys, code, "at least one latent frame")
+    assert not (tmp_path / "d.mp4").exists()
 
 
 def test_tiled_decode_equals_untiled(files, tmp_path, expected_frames):
