@@ -189,7 +189,7 @@ def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str,
     where = f"{source.description} ({family.title}, {layout} layout)"
     missing = sorted(set(expected) - set(by_name))
     if missing:
-        names = family.source_name_map(layout, missing)
+        names = family.source_name_map(layout, expected)
         raise CheckpointError(f"{where} lacks {len(missing)} decoder tensors: {_listing([names[m] for m in missing])}")
     unexpected = sorted(
         [old for old in source.shapes if old not in renames and not family.is_encoder_key(old)]

@@ -1,10 +1,11 @@
-"""Shared test fixtures: a small random-weight Wan 2.1 VAE (diffusers, the reference) saved
-in every checkpoint layout streamdec reads."""
+"""Shared test fixtures: small random-weight Wan VAEs (diffusers, the reference) saved in every
+checkpoint layout streamdec reads."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +16,23 @@ from streamdec.families.wan import diffusers_to_official
 diffusers = pytest.importorskip("diffusers")
 
 LATENT_SHAPE = (16, 5, 5, 7)  # (C, T, h, w): odd, non-square
+DATA = Path(__file__).parent / "data"
+WAN22_STATS = json.loads((DATA / "wan22_latent_stats.json").read_text())
 
 
-def random_wan(base_dim: int = 8, seed: int = 0, num_res_blocks: int = 2):
+def wan22_config(base_dim: int) -> dict:
+    """diffusers' AutoencoderKLWan arguments for a Wan 2.2 VAE (its `vae22_diffusers_config`)
+    whose encoder and decoder are `base_dim` wide."""
+    return dict(base_dim=base_dim, decoder_base_dim=base_dim, z_dim=48, is_residual=True, in_channels=12,
+                out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                latents_mean=WAN22_STATS["latents_mean"], latents_std=WAN22_STATS["latents_std"])  # fmt: skip
+
+
+def random_wan(base_dim: int = 8, seed: int = 0, num_res_blocks: int = 2, version: str = "2.1"):
     """A diffusers AutoencoderKLWan with random weights, random norm gains and biases."""
     torch.manual_seed(seed)
-    model = diffusers.AutoencoderKLWan(base_dim=base_dim, z_dim=16, num_res_blocks=num_res_blocks).eval()
+    config = wan22_config(base_dim) if version == "2.2" else dict(base_dim=base_dim, z_dim=16)
+    model = diffusers.AutoencoderKLWan(num_res_blocks=num_res_blocks, **config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
@@ -57,6 +69,7 @@ def denormalize(model, z: torch.Tensor) -> torch.Tensor:
 
 
 _ENCODER_TO_OFFICIAL = [  # diffusers encoder names -> official ones, for realistic full checkpoints
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),  # Wan 2.2
     (r"^quant_conv\.", "conv1."),
     (r"^encoder\.conv_in\.", "encoder.conv1."),
     (r"^encoder\.mid_block\.resnets\.0\.", "encoder.middle.0."),
@@ -76,19 +89,42 @@ _RESNET_LEAVES = [
 
 
 def official_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights under the official Wan2.1_VAE.pth names (encoder included)."""
+    """The model's weights under the official names (Wan2.1_VAE.pth, Wan2.2_VAE.pth), encoder included."""
     state = model.state_dict()
     decoder_names = diffusers_to_official(state.keys())
+    # Wan 2.2 nests the encoder's layers per block, its downsampler after the residual blocks
+    downsampler = rf"encoder.downsamples.\1.downsamples.{model.config.num_res_blocks}."
+    encoder_names = [(r"^encoder\.down_blocks\.(\d+)\.downsampler\.", downsampler)] + _ENCODER_TO_OFFICIAL
     official = {}
     for key, value in state.items():
         new = decoder_names.get(key)
         if new is None:
             resnet = ".down_blocks." in key or ".resnets." in key
             new = key
-            for pattern, repl in _ENCODER_TO_OFFICIAL + (_RESNET_LEAVES if resnet else []):
+            for pattern, repl in encoder_names + (_RESNET_LEAVES if resnet else []):
                 new = re.sub(pattern, repl, new)
         official[new] = value.clone()
     return official
+
+
+def save_layouts(model, root: Path, official_name: str, pipeline_class: str) -> dict:
+    """`model`'s weights saved in every layout streamdec reads, keyed by load path."""
+    official = official_state_dict(model)
+    paths = {}
+    paths["official-pth"] = root / f"{official_name}.pth"
+    torch.save(official, paths["official-pth"])
+    paths["official-safetensors"] = root / f"{official_name}.safetensors"
+    save_file({k: v.contiguous() for k, v in official.items()}, paths["official-safetensors"])
+    folder = root / "diffusers-vae"
+    model.save_pretrained(folder)
+    paths["diffusers-folder"] = folder
+    pipeline = root / "pipeline"
+    model.save_pretrained(pipeline / "vae")
+    index = {"_class_name": pipeline_class, "vae": ["diffusers", "AutoencoderKLWan"]}
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    paths["diffusers-pipeline"] = pipeline
+    paths["live-object"] = model
+    return paths
 
 
 @pytest.fixture(scope="session")
@@ -110,19 +146,4 @@ def reference_video(wan_model, latents):
 @pytest.fixture(scope="session")
 def checkpoints(wan_model, tmp_path_factory):
     """The reference weights saved in every layout, keyed by load path."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    official = official_state_dict(wan_model)
-    paths = {}
-    paths["official-pth"] = root / "Wan2.1_VAE.pth"
-    torch.save(official, paths["official-pth"])
-    paths["official-safetensors"] = root / "Wan2.1_VAE.safetensors"
-    save_file({k: v.contiguous() for k, v in official.items()}, paths["official-safetensors"])
-    folder = root / "diffusers-vae"
-    wan_model.save_pretrained(folder)
-    paths["diffusers-folder"] = folder
-    pipeline = root / "pipeline"
-    wan_model.save_pretrained(pipeline / "vae")
-    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"]}))
-    paths["diffusers-pipeline"] = pipeline
-    paths["live-object"] = wan_model
-    return paths
+    return save_layouts(wan_model, tmp_path_factory.mktemp("checkpoints"), "Wan2.1_VAE", "WanPipeline")

@@ -48,9 +48,9 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from .wan import Wan21
+    from .wan import Wan21, Wan22
 
-    return [Wan21()]
+    return [Wan21(), Wan22()]
 
 
 def detect(keys) -> tuple[Family, str]:

@@ -1,4 +1,5 @@
-"""Wan 2.1 video VAE decoder (Wan 2.1, Wan 2.2-A14B, SkyReels-V2, Self-Forcing, ...).
+"""Wan video VAE decoders: Wan 2.1 (also used by Wan 2.2-A14B, SkyReels-V2, Self-Forcing, ...)
+and the Wan 2.2 high-compression VAE of TI2V-5B, built from the same blocks.
 
 Streaming strategy: causal. Every temporal convolution is a CausalConv3d, so a video frame
 is final the moment it is produced and any chunking of the latents gives the same output as
@@ -15,8 +16,20 @@ Shape of the decoder (released sizes, latent h x w, 16 channels in, RGB out):
     up_blocks.3       3 residual (96)
     norm_out, SiLU, conv_out   causal 3x3x3 conv, 96 -> 3
 
+Wan 2.2 (`Wan2.2_VAE.pth`; diffusers `is_residual=True`) differs in four ways: 48 latent channels;
+a decoder 256 wide whose upsamplers keep their width; a parameter-free `DupUp3D` shortcut around
+every upsampling block; and 12 output channels that `unpatchify` folds into 2x2 pixels, so space
+is compressed 16x in all:
+
+    conv_in 48 -> 1024, mid_block (1024)
+    up_blocks.0/1     3 residual (1024), upsampler time x2, space x2, + DupUp3D shortcut
+    up_blocks.2       3 residual (1024 -> 512, 512, 512), upsampler space x2, + DupUp3D shortcut
+    up_blocks.3       3 residual (512 -> 256, 256, 256)
+    norm_out, SiLU, conv_out 256 -> 12, unpatchify -> RGB at 16h x 16w
+
 The module names are diffusers' (`AutoencoderKLWan`), so a diffusers state dict loads as is;
-the official checkpoint names (`Wan2.1_VAE.pth`, ComfyUI) are renamed by `official_to_diffusers`.
+the official checkpoint names (`Wan2.1_VAE.pth`, `Wan2.2_VAE.pth`, ComfyUI) are renamed by
+`official_to_diffusers`.
 """
 
 from __future__ import annotations
@@ -38,31 +51,54 @@ WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.550
               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
 WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
+# The same for the Wan 2.2 VAE (official `Wan2_2_VAE`, diffusers `vae22_diffusers_config`).
+WAN22_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+              -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+              -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+              -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+              -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+              0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)  # fmt: skip
+WAN22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+             0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+             0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+             0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+             0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+             0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class WanConfig:
-    """Decoder hyper-parameters; the defaults are the released Wan 2.1 VAE."""
+    """Decoder hyper-parameters; the defaults are the released Wan 2.1 VAE, `WAN22` the Wan 2.2 one."""
 
-    base_dim: int = 96
+    base_dim: int = 96  # the decoder's (diffusers `decoder_base_dim`)
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_upsample: tuple[bool, ...] = (True, True, False)  # per up block, deepest first
+    residual: bool = False  # Wan 2.2: DupUp3D shortcuts around the up blocks, no channel halving
+    patch_size: int = 1  # Wan 2.2: 2, the decoder's output pixels are 2x2 patches
     latents_mean: tuple[float, ...] = field(default=WAN21_MEAN, repr=False)
     latents_std: tuple[float, ...] = field(default=WAN21_STD, repr=False)
+
+    @property
+    def out_channels(self) -> int:
+        return 3 * self.patch_size**2
 
     def block_channels(self) -> list[tuple[int, int, str | None]]:
         """(in, out, upsampler) for each up block; the upsampler is "3d", "2d" or None."""
         dims = [self.base_dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
         blocks = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            if i > 0:
+            if i > 0 and not self.residual:
                 cin //= 2  # each Wan 2.1 upsampler halves the channels
             last = i == len(self.dim_mult) - 1
             up = None if last else ("3d" if self.temporal_upsample[i] else "2d")
             blocks.append((cin, cout, up))
         return blocks
+
+
+WAN22 = WanConfig(base_dim=256, z_dim=48, residual=True, patch_size=2, latents_mean=WAN22_MEAN,
+                  latents_std=WAN22_STD)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -145,6 +181,8 @@ class Upsampler(nn.Module):
 
 
 class UpBlock(nn.Module):
+    """Wan 2.1: residual blocks, then an upsampler that halves the channels."""
+
     def __init__(self, cin: int, cout: int, num_resnets: int, upsampler: str | None):
         super().__init__()
         self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
@@ -152,12 +190,74 @@ class UpBlock(nn.Module):
         if upsampler is not None:
             self.upsamplers = nn.ModuleList([Upsampler(cout, cout // 2, temporal=upsampler == "3d")])
 
+    def layers(self) -> list[nn.Module]:
+        return list(self.resnets) + (list(self.upsamplers) if self.upsamplers is not None else [])
+
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, state)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, state)
+        for layer in self.layers():
+            x = layer(x, state)
         return x
+
+
+class DupUp3D(nn.Module):
+    """Wan 2.2's parameter-free shortcut around an upsampling block: each input channel is
+    repeated, and the copies are laid out as the factor_t frames and factor_s x factor_s pixels
+    that the input position becomes. Like the upsampler beside it, it turns the stream's first
+    frame into a single frame (the reference drops the first factor_t - 1 copies)."""
+
+    def __init__(self, cin: int, cout: int, factor_t: int, factor_s: int):
+        super().__init__()
+        self.cout, self.factor_t, self.factor_s = cout, factor_t, factor_s
+        self.repeats = cout * factor_t * factor_s**2 // cin
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """out += the shortcut of x. Added through a strided view of the copies, so the shortcut
+        is never laid out as a separate output-sized tensor."""
+        b, _, t, h, w = x.shape
+        ft, fs, c = self.factor_t, self.factor_s, self.cout
+        copies = x.repeat_interleave(self.repeats, dim=1).view(b, c, ft, fs, fs, t, h, w)
+        copies = copies.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (b, c, t, ft, h, fs, w, fs)
+        rest = out
+        if state.first_time(self):  # the first frame's last copy only
+            out[:, :, :1] += copies[:, :, :1, ft - 1 :].reshape(b, c, 1, h * fs, w * fs)
+            rest, copies, t = out[:, :, 1:], copies[:, :, 1:], t - 1
+        rest.view(b, c, t, ft, h, fs, w, fs).add_(copies)
+        return out
+
+
+class ResidualUpBlock(nn.Module):
+    """Wan 2.2: residual blocks and an upsampler that keeps the width, plus a DupUp3D shortcut
+    from the block's input to its output."""
+
+    def __init__(self, cin: int, cout: int, num_resnets: int, upsampler: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.upsampler = self.avg_shortcut = None
+        if upsampler is not None:
+            temporal = upsampler == "3d"
+            self.upsampler = Upsampler(cout, cout, temporal=temporal)
+            self.avg_shortcut = DupUp3D(cin, cout, factor_t=2 if temporal else 1, factor_s=2)
+
+    def layers(self) -> list[nn.Module]:
+        return list(self.resnets) + ([self.upsampler] if self.upsampler is not None else [])
+
+    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        block_input = x  # the residual blocks do not write into their input
+        for layer in self.layers():
+            x = layer(x, state)
+        if self.avg_shortcut is not None:
+            x = self.avg_shortcut.add_to(x, block_input, state)
+        return x
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C*p*p, T, H, W) -> (B, C, T, H*p, W*p); channel c*p*p + j*p + i holds the pixel at row
+    offset i and column offset j of each patch (the references' order)."""
+    if p == 1:
+        return x
+    b, cpp, t, h, w = x.shape
+    x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2)
+    return x.reshape(b, cpp // (p * p), t, h * p, w * p)
 
 
 class Decoder3d(nn.Module):
@@ -165,17 +265,18 @@ class Decoder3d(nn.Module):
         super().__init__()
         blocks = config.block_channels()
         top = blocks[0][0]
+        up_block = ResidualUpBlock if config.residual else UpBlock
         self.conv_in = CausalConv3d(config.z_dim, top, 3, padding=1)
         self.mid_block = MidBlock(top)
         self.up_blocks = nn.ModuleList(
-            [UpBlock(cin, cout, config.num_res_blocks + 1, up) for cin, cout, up in blocks]
+            [up_block(cin, cout, config.num_res_blocks + 1, up) for cin, cout, up in blocks]
         )
         self.norm_out = RMSNorm(blocks[-1][1])
-        self.conv_out = CausalConv3d(blocks[-1][1], 3, 3, padding=1)
+        self.conv_out = CausalConv3d(blocks[-1][1], config.out_channels, 3, padding=1)
 
 
 class WanDecoder(nn.Module):
-    """De-normalized latents (B, z_dim, t, h, w) -> video in [-1, 1] (B, 3, frames, 8h, 8w),
+    """De-normalized latents (B, z_dim, t, h, w) -> video in [-1, 1] (B, 3, frames, H, W),
     unclamped. Parameter names are those of diffusers' AutoencoderKLWan (decoder side).
 
     For exact spatial tiling the decoder is two parts: `decode_global` (up to the mid block, whose
@@ -198,7 +299,8 @@ class WanDecoder(nn.Module):
         d = self.decoder
         for block in d.up_blocks:
             x = block(x, state)
-        return d.conv_out(F.silu(d.norm_out(x), inplace=True), state)
+        x = d.conv_out(F.silu(d.norm_out(x), inplace=True), state)
+        return unpatchify(x, self.config.patch_size)
 
     def forward(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
         return self.decode_local(self.decode_global(z, state), state)
@@ -208,14 +310,15 @@ class WanDecoder(nn.Module):
         d = self.decoder
         blocks = [self.post_quant_conv, d.conv_in, d.mid_block]
         for up in d.up_blocks:
-            blocks += list(up.resnets) + (list(up.upsamplers) if up.upsamplers is not None else [])
+            blocks += up.layers()
         return blocks + [d.norm_out, d.conv_out]
 
 
 def up_path_halo(config: WanConfig) -> int:
     """How far (in latent pixels) an output pixel of `decode_local` can see: the spatial reach of
     its 3x3 convolutions, walked back from the output one scale at a time (rounding up at each
-    2x upsampling, which maps output pixel i to input pixel i // 2)."""
+    2x upsampling, which maps output pixel i to input pixel i // 2). Wan 2.2's shortcuts and
+    unpatchify map a pixel to the one under it, so they add nothing."""
     reach = 1  # conv_out, at the output scale
     for _, _, upsampler in reversed(config.block_channels()):
         if upsampler is not None:
@@ -242,8 +345,11 @@ _RESIDUAL_LEAVES = {
     "residual.6.": "conv2.",
     "shortcut.": "conv_shortcut.",
 }
-_OFFICIAL_UPSAMPLE = re.compile(r"decoder\.upsamples\.(\d+)\.(.*)")
-_DIFFUSERS_UP = re.compile(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)")
+_INVERSE_FIXED = {v: k for k, v in _OFFICIAL_FIXED.items()}
+_INVERSE_LEAVES = {v: k for k, v in _RESIDUAL_LEAVES.items()}
+_OFFICIAL_UPSAMPLE = re.compile(r"decoder\.upsamples\.(\d+)\.(.*)")  # Wan 2.1: numbered flat
+_OFFICIAL_NESTED = re.compile(r"decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.(.*)")  # Wan 2.2: per block
+_DIFFUSERS_UP = re.compile(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0|upsampler)\.(.*)")
 
 
 def _swap(key: str, table: dict[str, str]) -> str:
@@ -257,10 +363,37 @@ def _is_upsampler_leaf(rest: str) -> bool:
     return rest.startswith(("resample.", "time_conv."))
 
 
+def _fixed_to_diffusers(key: str) -> str:
+    new = _swap(key, _OFFICIAL_FIXED)
+    if ".mid_block.resnets." in new:
+        head, rest = new.split(".mid_block.resnets.", 1)
+        index, rest = rest.split(".", 1)
+        new = f"{head}.mid_block.resnets.{index}." + _swap(rest, _RESIDUAL_LEAVES)
+    return new
+
+
+def _fixed_to_official(key: str) -> str:
+    if ".mid_block.resnets." in key:
+        head, rest = key.split(".mid_block.resnets.", 1)
+        index, rest = rest.split(".", 1)
+        return _swap(f"{head}.mid_block.resnets.{index}.", _INVERSE_FIXED) + _swap(rest, _INVERSE_LEAVES)
+    return _swap(key, _INVERSE_FIXED)
+
+
+def is_nested_official(keys) -> bool:
+    """Whether official keys nest the up path per block, as Wan 2.2's do."""
+    return any(_OFFICIAL_NESTED.fullmatch(k) for k in keys)
+
+
 def official_to_diffusers(keys) -> dict[str, str]:
-    """Rename map for the decoder keys of an official Wan 2.1 checkpoint. The official decoder
-    numbers its up-path layers flat (`decoder.upsamples.N`); an upsampler ends each block."""
+    """Rename map for the decoder keys of an official Wan checkpoint.
+
+    Wan 2.1 numbers its up-path layers flat (`decoder.upsamples.N`), an upsampler ending each
+    block; Wan 2.2 nests them (`decoder.upsamples.I.upsamples.J`), J after the residual blocks
+    being the upsampler, which diffusers names `up_blocks.I.upsampler`."""
     keys = [k for k in keys if k.startswith(("decoder.", "conv2."))]
+    if is_nested_official(keys):
+        return {key: _nested_to_diffusers(key) for key in keys}
     rests: dict[int, list[str]] = {}
     for key in keys:
         if m := _OFFICIAL_UPSAMPLE.fullmatch(key):
@@ -276,47 +409,50 @@ def official_to_diffusers(keys) -> dict[str, str]:
             resnet += 1
     renames = {}
     for key in keys:
-        m = _OFFICIAL_UPSAMPLE.fullmatch(key)
-        if m:
+        if m := _OFFICIAL_UPSAMPLE.fullmatch(key):
             n, rest = int(m.group(1)), m.group(2)
-            new = position[n] + (rest if n in upsampler_at else _swap(rest, _RESIDUAL_LEAVES))
+            renames[key] = position[n] + (rest if n in upsampler_at else _swap(rest, _RESIDUAL_LEAVES))
         else:
-            new = _swap(key, _OFFICIAL_FIXED)
-            if ".mid_block.resnets." in new:
-                head, rest = new.split(".mid_block.resnets.", 1)
-                index, rest = rest.split(".", 1)
-                new = f"{head}.mid_block.resnets.{index}." + _swap(rest, _RESIDUAL_LEAVES)
-        renames[key] = new
+            renames[key] = _fixed_to_diffusers(key)
     return renames
+
+
+def _nested_to_diffusers(key: str) -> str:
+    m = _OFFICIAL_NESTED.fullmatch(key)
+    if m is None:
+        return _fixed_to_diffusers(key)
+    block, layer, rest = m.groups()
+    if _is_upsampler_leaf(rest):
+        return f"decoder.up_blocks.{block}.upsampler.{rest}"
+    return f"decoder.up_blocks.{block}.resnets.{layer}." + _swap(rest, _RESIDUAL_LEAVES)
 
 
 def diffusers_to_official(keys) -> dict[str, str]:
-    """The inverse of `official_to_diffusers`, for the decoder keys of a diffusers checkpoint."""
+    """The inverse of `official_to_diffusers`, for the decoder keys of a diffusers checkpoint
+    (all of them: the official numbering counts the layers)."""
     keys = [k for k in keys if k.startswith(("decoder.", "post_quant_conv."))]
-    layers = sorted({(int(m.group(1)), m.group(2)) for k in keys if (m := _DIFFUSERS_UP.fullmatch(k))},
-                    key=lambda bl: (bl[0], bl[1].startswith("upsamplers"), int(bl[1].split(".")[1])))
+    matches = [m for k in keys if (m := _DIFFUSERS_UP.fullmatch(k))]
+    # each block's resnets in order, then its upsampler
+    layers = sorted({(int(m.group(1)), m.group(2), int(m.group(3) or 1 << 30)) for m in matches})
+    layers = [(block, layer) for block, layer, _ in layers]
+    nested = any(layer == "upsampler" for _, layer in layers)
     flat = {layer: n for n, layer in enumerate(layers)}
-    inverse_fixed = {v: k for k, v in _OFFICIAL_FIXED.items()}
-    inverse_leaves = {v: k for k, v in _RESIDUAL_LEAVES.items()}
+    in_block = {(block, layer): sum(1 for b, _ in layers[:n] if b == block) for n, (block, layer) in enumerate(layers)}
     renames = {}
     for key in keys:
         m = _DIFFUSERS_UP.fullmatch(key)
-        if m:
-            block, layer, rest = int(m.group(1)), m.group(2), m.group(4)
-            if layer.startswith("resnets"):
-                rest = _swap(rest, inverse_leaves)
-            new = f"decoder.upsamples.{flat[(block, layer)]}.{rest}"
-        elif ".mid_block.resnets." in key:
-            head, rest = key.split(".mid_block.resnets.", 1)
-            index, rest = rest.split(".", 1)
-            new = _swap(f"{head}.mid_block.resnets.{index}.", inverse_fixed) + _swap(rest, inverse_leaves)
-        else:
-            new = _swap(key, inverse_fixed)
-        renames[key] = new
+        if m is None:
+            renames[key] = _fixed_to_official(key)
+            continue
+        block, layer, rest = int(m.group(1)), m.group(2), m.group(4)
+        if layer.startswith("resnets"):
+            rest = _swap(rest, _INVERSE_LEAVES)
+        where = f"{block}.upsamples.{in_block[(block, layer)]}" if nested else f"{flat[(block, layer)]}"
+        renames[key] = f"decoder.upsamples.{where}.{rest}"
     return renames
 
 
-def config_from_shapes(shapes: dict[str, tuple[int, ...]], mean=None, std=None) -> WanConfig:
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], mean, std) -> WanConfig:
     """Read the decoder's sizes off its tensors (diffusers names), so fine-tuned or reduced
     variants load from a bare state dict. Only products base_dim*mult shape the network, so
     base_dim is taken as the gcd of the stage widths."""
@@ -326,18 +462,36 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], mean=None, std=None) 
         widths = [shapes[f"decoder.up_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n_blocks)]
     except (KeyError, ValueError) as err:
         raise LayoutError(f"no Wan decoder tensor {err}") from None
+    residual = is_wan22(shapes)
+    conv_out = shapes.get("decoder.conv_out.weight") or shapes.get("decoder.conv_out.bias")
+    out_channels = conv_out[0] if conv_out else 3 * (4 if residual else 1)  # if missing, the error names it
+    patch = math.isqrt(out_channels // 3)
+    if 3 * patch**2 != out_channels:
+        raise LayoutError(f"the decoder gives {out_channels} channels, which are not RGB patches (3 x p x p)")
+    if len(mean) != z_dim or len(std) != z_dim:
+        raise LayoutError(f"the decoder takes {z_dim} latent channels but its latent statistics have {len(mean)}")
     num_res = sum(1 for k in shapes if re.fullmatch(r"decoder\.up_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
     base = math.gcd(*widths)
-    temporal = tuple(f"decoder.up_blocks.{i}.upsamplers.0.time_conv.weight" in shapes for i in range(n_blocks - 1))
+    upsampler = "upsampler" if residual else "upsamplers.0"
+    temporal = tuple(any(k.startswith(f"decoder.up_blocks.{i}.{upsampler}.time_conv.") for k in shapes)
+                     for i in range(n_blocks - 1))  # fmt: skip
     return WanConfig(
         base_dim=base,
         z_dim=z_dim,
         dim_mult=tuple(w // base for w in reversed(widths)),
         num_res_blocks=num_res - 1,
         temporal_upsample=temporal,
-        latents_mean=tuple(mean) if mean is not None else WAN21_MEAN,
-        latents_std=tuple(std) if std is not None else WAN21_STD,
+        residual=residual,
+        patch_size=patch,
+        latents_mean=tuple(mean),
+        latents_std=tuple(std),
     )
+
+
+def is_wan22(keys) -> bool:
+    """Wan 2.2 checkpoints nest the official up path per block; diffusers names its upsampler
+    `up_blocks.I.upsampler` (Wan 2.1: `upsamplers.0`)."""
+    return is_nested_official(keys) or any(re.match(r"decoder\.up_blocks\.\d+\.upsampler\.", k) for k in keys)
 
 
 class Wan21(Family):
@@ -346,13 +500,11 @@ class Wan21(Family):
     temporal_ratio = 4
     spatial_ratio = 8
     diffusers_class = "AutoencoderKLWan"
+    latents_mean, latents_std = WAN21_MEAN, WAN21_STD  # unless a diffusers config says otherwise
 
     def detect_layout(self, keys) -> str | None:
-        if "decoder.upsamples.0.upsamples.0.residual.0.gamma" in keys or "decoder.up_blocks.0.upsampler.resample.1.weight" in keys:
-            raise LayoutError(
-                "this is a Wan 2.2 (TI2V-5B) VAE, which streamdec does not decode yet; use a Wan 2.1 VAE "
-                "(Wan2.1_VAE.pth), which Wan 2.2-A14B also uses"
-            )
+        if is_wan22(keys) != (self.name == "wan2.2"):
+            return None
         if "decoder.middle.0.residual.0.gamma" in keys:
             return "official"
         if "decoder.mid_block.resnets.0.norm1.gamma" in keys:
@@ -374,12 +526,20 @@ class Wan21(Family):
 
     def config(self, shapes, diffusers_config: dict | None) -> WanConfig:
         cfg = diffusers_config or {}
-        if cfg.get("is_residual") or cfg.get("patch_size"):
-            raise LayoutError("this is a Wan 2.2 (TI2V-5B) VAE, which streamdec does not decode yet")
-        return config_from_shapes(shapes, cfg.get("latents_mean"), cfg.get("latents_std"))
+        mean, std = cfg.get("latents_mean") or self.latents_mean, cfg.get("latents_std") or self.latents_std
+        return config_from_shapes(shapes, mean, std)
 
     def build(self, config: WanConfig) -> WanDecoder:
         return WanDecoder(config)
 
     def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
         return self.temporal_ratio * latent_frames - (self.temporal_ratio - 1 if first_chunk else 0)
+
+
+class Wan22(Wan21):
+    """The Wan 2.2 TI2V-5B VAE: the same decoding rules, 48 channels, 16x spatial compression."""
+
+    name = "wan2.2"
+    title = "Wan 2.2 VAE"
+    spatial_ratio = 16
+    latents_mean, latents_std = WAN22_MEAN, WAN22_STD
