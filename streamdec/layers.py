@@ -35,12 +35,23 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         if self.past_frames:
             x = state.with_history(self, x, self.past_frames)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            # PyTorch sends a 5-D input to its slow reference kernel whenever B*C*T*H <= 20480 (a
-            # rule made for images: it ignores W), which is most of this decoder's convolutions;
-            # oneDNN computes the same convolution 2-16x faster.
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1)
-        return super().forward(x)
+        return conv3d(self, x)
+
+
+def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`, computed by oneDNN for fp32 on CPU: PyTorch sends a 5-D input to its slow
+    reference kernel whenever B*C*T*H <= 20480 (a rule made for images: it ignores W), which is
+    most of a video decoder's convolutions; oneDNN computes the same convolution 2-16x faster."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, 1)
+    return nn.Conv3d.forward(conv, x)
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d computed by `conv3d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3d(self, x)
 
 
 class RMSNorm(nn.Module):

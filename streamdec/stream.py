@@ -19,6 +19,7 @@ from .latents import as_latents
 from .state import StreamState
 from .tiling import decode_tiled, parse_tile, supports_tiling
 from .vae import VAE
+from .windowed import WindowedStream
 
 
 class StreamDecoder:
@@ -29,8 +30,12 @@ class StreamDecoder:
     numpy uint8 (H, W, 3) RGB, or with `as_tensor=True` float32 CPU tensors (3, H, W) in [-1, 1].
     With `normalized=True` the latents are as the diffusion model makes them and are first
     de-normalized with the family's per-channel statistics (z * std + mean). `tile` (latent
-    pixels, an int or (height, width)) decodes each frame in spatial tiles, with output equal to
-    the untiled decode and activation memory bounded by the tile.
+    pixels, an int or (height, width)) decodes each frame in spatial tiles: for a causal family
+    (Wan) with output equal to the untiled decode and activation memory bounded by the tile; for a
+    windowed family (HunyuanVideo) as its reference does, blended, every 3/4 tile.
+
+    A causal family's frames are final as soon as they are decoded. A windowed family's are final
+    once their window is: each push returns whole windows' worth, and `close()` the last ones.
     """
 
     def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False, tile=None):
@@ -38,9 +43,15 @@ class StreamDecoder:
         self.normalized = normalized
         self.as_tensor = as_tensor
         self.tile = parse_tile(tile)
-        if self.tile is not None and not supports_tiling(vae.decoder):
-            raise ValueError(f"the {vae.family_spec.title} decoder cannot be tiled exactly; use tile=None")
-        self.state: StreamState | None = StreamState()
+        self.state: StreamState | None = None
+        self.windows: WindowedStream | None = None
+        if vae.family_spec.strategy == "windowed":
+            self.windows = WindowedStream(vae.decoder, vae.temporal_ratio, vae.spatial_ratio, tile=self.tile)
+        else:
+            if self.tile is not None and not supports_tiling(vae.decoder):
+                raise ValueError(f"the {vae.family_spec.title} decoder cannot be tiled exactly; use tile=None")
+            self.state = StreamState()
+        self.closed = False
         self._frame_size: tuple[int, int] | None = None
 
     def push(self, chunk) -> list:
@@ -49,11 +60,21 @@ class StreamDecoder:
     def close(self) -> list:
         """End the stream, free its caches and return the frames not yet returned (none, for a
         causal family: every frame is final when it is produced)."""
+        if self.closed:
+            return []
+        self.closed = True
         self.state = None
-        return []
+        if self.windows is None:
+            return []
+        try:
+            with torch.inference_mode():
+                return self._host_frames(self.windows.close())
+        finally:
+            self.windows = None
+            self._chunk_done()
 
     def _check(self, chunk) -> torch.Tensor:
-        if self.state is None:
+        if self.closed:
             raise RuntimeError("this StreamDecoder is closed; start a new one for another video")
         z = as_latents(chunk, self.vae.latent_channels, "latent chunk")
         size = tuple(z.shape[-2:])
@@ -68,20 +89,32 @@ class StreamDecoder:
     def _push_checked(self, z: torch.Tensor) -> list:
         frames = []
         try:
-            # One latent frame per decoder call, as the reference does: activations stay the size
-            # of one latent frame's output whatever the chunk length.
-            for t in range(z.shape[2]):
-                frames.extend(self._decode(z[:, :, t : t + 1]))
+            if self.windows is not None:
+                with torch.inference_mode():
+                    frames = self._host_frames(self.windows.push(self._prepare(z)))
+            else:
+                # One latent frame per decoder call, as the reference does: activations stay the size
+                # of one latent frame's output whatever the chunk length.
+                for t in range(z.shape[2]):
+                    frames.extend(self._decode(z[:, :, t : t + 1]))
         finally:
-            if self.vae.offloader is not None:
-                self.vae.offloader.chunk_done()
+            self._chunk_done()
         return frames
+
+    def _chunk_done(self) -> None:
+        if self.vae.offloader is not None:
+            self.vae.offloader.chunk_done()
+
+    def _prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents as the decoder takes them: on its device, de-normalized, in its dtype."""
+        vae = self.vae
+        z = z.to(vae.device, non_blocking=True)
+        z = vae.denormalize(z) if self.normalized else z.float()
+        return z.to(vae.dtype)
 
     def _decode(self, z: torch.Tensor) -> list:
         vae, state = self.vae, self.state
-        z = z.to(vae.device, non_blocking=True)
-        z = vae.denormalize(z) if self.normalized else z.float()
-        z = z.to(vae.dtype)
+        z = self._prepare(z)
         with torch.inference_mode():
             if self.tile is None:
                 video = vae.decoder(z, state)
@@ -89,7 +122,11 @@ class StreamDecoder:
                 video = decode_tiled(vae.decoder, z, state, self.tile, vae.spatial_ratio)
         state.frames_in += z.shape[2]
         state.frames_out += video.shape[2]
-        return to_host_tensors(video) if self.as_tensor else to_host_uint8(video)
+        return self._host_frames([video])
+
+    def _host_frames(self, videos: list[torch.Tensor]) -> list:
+        convert = to_host_tensors if self.as_tensor else to_host_uint8
+        return [frame for video in videos for frame in convert(video)]
 
 
 def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False, tile=None) -> Iterator:
@@ -106,11 +143,10 @@ def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = 
 def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
     """Frames of latents `z` that `as_latents` has already checked."""
     stream._frame_size = tuple(z.shape[-2:])
-    for t in range(z.shape[2]):
-        pending = deque(stream._push_checked(z[:, :, t : t + 1]))
+    for t in range(z.shape[2] + 1):
+        pending = deque(stream._push_checked(z[:, :, t : t + 1]) if t < z.shape[2] else stream.close())
         while pending:  # popleft: the generator holds no frame it has yielded
             yield pending.popleft()
-    stream.close()
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:

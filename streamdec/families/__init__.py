@@ -20,6 +20,9 @@ class Family:
     temporal_ratio: int
     spatial_ratio: int
     diffusers_class: str  # the diffusers model class of this family
+    # "causal": the decoder carries its state in a StreamState, any chunking is exact;
+    # "windowed": it decodes whole windows of latents, on the reference's overlapping schedule.
+    strategy = "causal"
 
     def detect_layout(self, keys) -> str | None:
         """The key layout ("official", "diffusers", ...) if these keys are this family's."""
@@ -40,7 +43,8 @@ class Family:
         raise NotImplementedError
 
     def build(self, config) -> nn.Module:
-        """The decoder: module(latents, state) -> video in [-1, 1], unclamped."""
+        """The decoder: module(latents, state) -> video in [-1, 1], unclamped (module(latents) for
+        a windowed family)."""
         raise NotImplementedError
 
     def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
@@ -48,9 +52,10 @@ class Family:
 
 
 def _families() -> list[Family]:
+    from .hunyuan import HunyuanVideo
     from .wan import Wan21, Wan22
 
-    return [Wan21(), Wan22()]
+    return [Wan21(), Wan22(), HunyuanVideo()]
 
 
 def detect(keys) -> tuple[Family, str]:

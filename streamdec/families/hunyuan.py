@@ -1,0 +1,273 @@
+"""HunyuanVideo VAE decoder (HunyuanVideo, Open-Sora 2.0, FramePack).
+
+Streaming strategy: windowed. The decoder normalizes with GroupNorm over the whole time axis of
+its input and its mid-block attention spans every frame, so a chunk's output depends on the
+frames after it and no carried state reproduces a one-shot decode. The reference decodes
+overlapping temporal windows instead and blends them (diffusers' default framewise decoding);
+`streamdec.windowed` runs that schedule as the latents arrive. The decoder here is one window's
+one-shot decode.
+
+Shape of the decoder (released sizes, latent h x w, 16 channels in, RGB out):
+
+    post_quant_conv   1x1x1 conv, 16 -> 16
+    conv_in           causal 3x3x3 conv (replicate padding), 16 -> 512
+    mid_block         resnet, attention over all tokens (block-causal in time), resnet (512)
+    up_blocks.0       3 resnets (512), upsample space x2
+    up_blocks.1       3 resnets (512), upsample time x2, space x2
+    up_blocks.2       3 resnets (512 -> 256), upsample time x2, space x2
+    up_blocks.3       3 resnets (256 -> 128)
+    conv_norm_out (GroupNorm 32), SiLU, conv_out   causal 3x3x3 conv, 128 -> 3
+
+The module names are diffusers' (`AutoencoderKLHunyuanVideo`), which the official HunyuanVideo
+and Open-Sora 2.0 checkpoints also use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import Conv3d
+from . import Family, LayoutError
+
+SCALING_FACTOR = 0.476986  # diffusion latents = VAE latents * this (no shift)
+
+
+@dataclass(frozen=True)
+class HunyuanConfig:
+    """Decoder hyper-parameters; the defaults are the released HunyuanVideo VAE."""
+
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = SCALING_FACTOR
+
+    @property
+    def z_dim(self) -> int:
+        return self.latent_channels
+
+    @property
+    def latents_mean(self) -> tuple[float, ...]:
+        return (0.0,) * self.latent_channels
+
+    @property
+    def latents_std(self) -> tuple[float, ...]:  # de-normalizing divides by the scaling factor
+        return (1.0 / self.scaling_factor,) * self.latent_channels
+
+    def block_channels(self) -> list[tuple[int, int, tuple[int, int, int] | None]]:
+        """(in, out, upsampling factor (t, h, w) or None) for each up block: space doubles in the
+        first three blocks, time in the two before the last (temporal ratio 4)."""
+        widths = list(reversed(self.block_out_channels))
+        n = len(widths)
+        blocks = []
+        for i, cout in enumerate(widths):
+            space, time = i < 3, n - 3 <= i < n - 1
+            factor = (2 if time else 1, 2 if space else 1, 2 if space else 1)
+            blocks.append((widths[max(i - 1, 0)], cout, factor if space or time else None))
+        return blocks
+
+
+class CausalConv(nn.Module):
+    """A 3-D convolution padded in time by repeating the first frame (k-1 copies in front) and in
+    space by replicating the border, as the references do. `conv` is the nn.Conv3d."""
+
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__()
+        self.conv = Conv3d(cin, cout, kernel)
+        self.pad = (kernel // 2, kernel // 2, kernel // 2, kernel // 2, kernel - 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pad):
+            x = F.pad(x, self.pad, mode="replicate")
+        return self.conv(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = CausalConv(cin, cout, 3)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = CausalConv(cout, cout, 3)
+        self.conv_shortcut = CausalConv(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        x = self.conv1(F.silu(self.norm1(x)))
+        x = self.conv2(F.silu(self.norm2(x)))
+        return x.add_(shortcut)
+
+
+class BlockCausalAttention(nn.Module):
+    """Single-head attention over all the tokens of a window, each frame's tokens seeing those of
+    its own and earlier frames. Computed one query frame at a time, so the (tokens x tokens) mask
+    the references build is never made."""
+
+    def __init__(self, dim: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, T*H*W, C), frame-major
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        hw = h * w
+        out = torch.cat(
+            [F.scaled_dot_product_attention(q[:, i * hw : (i + 1) * hw], k[:, : (i + 1) * hw], v[:, : (i + 1) * hw])
+             for i in range(t)],
+            dim=1,
+        )  # fmt: skip
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, t, h, w)
+        return out.add_(x)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(dim, dim, groups), ResnetBlock(dim, dim, groups)])
+        self.attentions = nn.ModuleList([BlockCausalAttention(dim, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling by `factor` (t, h, w), then a causal conv; the first frame is upsampled in
+    space only, so a window of T frames becomes 1 + factor_t * (T - 1)."""
+
+    def __init__(self, dim: int, factor: tuple[int, int, int]):
+        super().__init__()
+        self.factor = factor
+        self.conv = CausalConv(dim, dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = F.interpolate(x[:, :, 0], scale_factor=self.factor[1:], mode="nearest").unsqueeze(2)
+        if x.shape[2] > 1:
+            rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
+            first = torch.cat([first, rest], dim=2)
+        return self.conv(first)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, num_resnets: int, groups: int, factor):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([Upsample(cout, factor)]) if factor is not None else None
+
+    def layers(self) -> list[nn.Module]:
+        return list(self.resnets) + (list(self.upsamplers) if self.upsamplers is not None else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers():
+            x = layer(x)
+        return x
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, config: HunyuanConfig):
+        super().__init__()
+        groups = config.norm_num_groups
+        blocks = config.block_channels()
+        self.conv_in = CausalConv(config.latent_channels, blocks[0][0], 3)
+        self.mid_block = MidBlock(blocks[0][0], groups)
+        self.up_blocks = nn.ModuleList(
+            [UpBlock(cin, cout, config.layers_per_block + 1, groups, up) for cin, cout, up in blocks]
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, blocks[-1][1], eps=1e-6)
+        self.conv_out = CausalConv(blocks[-1][1], 3, 3)
+
+
+class HunyuanDecoder(nn.Module):
+    """De-normalized latents (B, 16, T, h, w) -> video in [-1, 1] (B, 3, 1 + 4(T-1), 8h, 8w),
+    unclamped, decoded in one shot (one window of the windowed schedule)."""
+
+    def __init__(self, config: HunyuanConfig):
+        super().__init__()
+        self.config = config
+        self.post_quant_conv = Conv3d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = Decoder3d(config)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        x = d.mid_block(d.conv_in(self.post_quant_conv(z)))
+        for block in d.up_blocks:
+            x = block(x)
+        return d.conv_out(F.silu(d.conv_norm_out(x)))
+
+    def offload_blocks(self) -> list[nn.Module]:
+        """The units weight offloading moves, in the order they run."""
+        d = self.decoder
+        blocks = [self.post_quant_conv, d.conv_in, d.mid_block]
+        for up in d.up_blocks:
+            blocks += up.layers()
+        return blocks + [d.conv_norm_out, d.conv_out]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], scaling_factor: float, groups: int) -> HunyuanConfig:
+    """Read the decoder's sizes off its tensors (diffusers names)."""
+    try:
+        latent = shapes["post_quant_conv.weight"][0]
+        n_blocks = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up_blocks."))
+        widths = [shapes[f"decoder.up_blocks.{i}.resnets.0.conv1.conv.weight"][0] for i in range(n_blocks)]
+    except (KeyError, ValueError) as err:
+        raise LayoutError(f"no HunyuanVideo decoder tensor {err}") from None
+    if n_blocks != 4:
+        raise LayoutError(f"the decoder has {n_blocks} up blocks; the HunyuanVideo VAE has 4 (8x space, 4x time)")
+    num_res = sum(1 for k in shapes if re.fullmatch(r"decoder\.up_blocks\.0\.resnets\.\d+\.conv1\.conv\.weight", k))
+    if any(w % groups for w in widths):
+        raise LayoutError(f"the decoder's widths {widths} do not split into {groups} norm groups")
+    return HunyuanConfig(latent_channels=latent, block_out_channels=tuple(reversed(widths)),
+                         layers_per_block=num_res - 1, norm_num_groups=groups, scaling_factor=scaling_factor)  # fmt: skip
+
+
+class HunyuanVideo(Family):
+    name = "hunyuanvideo"
+    title = "HunyuanVideo VAE"
+    temporal_ratio = 4
+    spatial_ratio = 8
+    diffusers_class = "AutoencoderKLHunyuanVideo"
+    strategy = "windowed"
+
+    # HunyuanVideo's `pytorch_model.pt`, Open-Sora 2.0's `hunyuan_vae.safetensors` and diffusers'
+    # folders all use the same names; Tencent's loader also accepts them under a "vae." prefix.
+    def detect_layout(self, keys) -> str | None:
+        if "decoder.mid_block.attentions.0.to_q.weight" in keys and "decoder.conv_in.conv.weight" in keys:
+            return "official"
+        if "vae.decoder.mid_block.attentions.0.to_q.weight" in keys:
+            return "prefixed"
+        return None
+
+    def rename_map(self, keys, layout: str) -> dict[str, str]:
+        prefix = "vae." if layout == "prefixed" else ""
+        wanted = (f"{prefix}decoder.", f"{prefix}post_quant_conv.")
+        return {k: k[len(prefix) :] for k in keys if k.startswith(wanted)}
+
+    def source_name_map(self, layout: str, internal_keys) -> dict[str, str]:
+        prefix = "vae." if layout == "prefixed" else ""
+        return {k: prefix + k for k in internal_keys}
+
+    def is_encoder_key(self, key: str) -> bool:
+        return key.removeprefix("vae.").startswith(("encoder.", "quant_conv."))
+
+    def config(self, shapes, diffusers_config: dict | None) -> HunyuanConfig:
+        cfg = diffusers_config or {}
+        scaling = cfg.get("scaling_factor") or SCALING_FACTOR
+        return config_from_shapes(shapes, float(scaling), int(cfg.get("norm_num_groups") or 32))
+
+    def build(self, config: HunyuanConfig) -> HunyuanDecoder:
+        return HunyuanDecoder(config)
+
+    def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
+        return self.temporal_ratio * latent_frames - (self.temporal_ratio - 1 if first_chunk else 0)
