@@ -1,0 +1,110 @@
+"""Peak memory and time against video length: streamdec's windowed HunyuanVideo stream next to
+diffusers' `AutoencoderKLHunyuanVideo.decode` (default framewise decoding) on the same full-size
+random-weight decoder.
+
+    python benchmarks/hunyuan.py                 # CPU, 128x192 frames, 17 to 97 frames (minutes)
+    python benchmarks/hunyuan.py --device cuda   # 480p, 17 to 129 frames, bf16
+
+Both sides decode the same latents and turn every frame into uint8, as a user writing a video
+would; streamdec hands each frame out and keeps none. Peak memory: host RSS growth over the run
+(CPU) or torch.cuda.max_memory_allocated (CUDA). Each run is a fresh process.
+Results: docs/benchmarks/hunyuan-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from decode import GIB, ROOT, PeakRSS, machine, sync
+
+
+def build_models(device: str, dtype: torch.dtype):
+    """The same random released-size HunyuanVideo VAE for both sides."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    import streamdec
+
+    torch.manual_seed(0)
+    reference = AutoencoderKLHunyuanVideo().eval()  # released sizes; weights random (no download here)
+    ours = streamdec.load_vae(reference, device=device, dtype=dtype)
+    return reference.to(device=device, dtype=dtype), ours
+
+
+def run(method: str, frames: int, size, device: str, dtype: str) -> dict:
+    import streamdec
+
+    reference, ours = build_models(device, streamdec.vae.resolve_dtype(dtype))
+    z = torch.randn(1, 16, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1))
+    z = z.to(device=device, dtype=ours.dtype)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        if method == "streamdec":
+            count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
+        else:
+            with torch.no_grad():
+                video = reference.decode(z).sample
+            frames_u8 = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu()
+            count = len(frames_u8.numpy())
+        sync(device)
+        seconds = time.perf_counter() - start
+    result = {"method": method, "frames": count, "seconds": seconds, "host_growth_bytes": rss.growth}
+    if device.startswith("cuda"):
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", help="video lengths in frames (1 + 4k)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        method, frames, h, w, dtype = args.worker
+        print(json.dumps(run(method, int(frames), (int(h), int(w)), args.device, dtype)))
+        return
+
+    cpu = args.device == "cpu"
+    size, dtype = ((16, 24), "fp32") if cpu else ((60, 104), "bf16")
+    lengths = [int(n) for n in (args.lengths or ("17,49,97" if cpu else "17,49,97,129")).split(",")]
+    results = {"machine": machine(args.device), "device": args.device, "size": size, "dtype": dtype, "runs": []}
+    print(f"== HunyuanVideo VAE, latents {size[0]}x{size[1]} -> {size[0] * 8}x{size[1] * 8}, {dtype}", flush=True)
+    for frames in lengths:
+        for method in ("streamdec", "diffusers"):
+            cmd = [sys.executable, __file__, "--device", args.device, "--worker", method, str(frames), *map(str, size),
+                   dtype]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                run_ = {"method": method, "frames": frames, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            else:
+                run_ = json.loads(proc.stdout.strip().splitlines()[-1])
+            results["runs"].append(run_)
+            print(f"   {frames:4d} frames {method:9s}: " + describe(run_), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"hunyuan-{args.device.split(':')[0]}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+
+
+def describe(run: dict) -> str:
+    if "error" in run:
+        return f"FAILED ({run['error']})"
+    text = f"{run['seconds']:7.2f} s, host +{run['host_growth_bytes'] / 2**20:7.1f} MiB"
+    if "gpu_peak_bytes" in run:
+        text += f", GPU peak {run['gpu_peak_bytes'] / GIB:6.2f} GiB"
+    return text
+
+
+if __name__ == "__main__":
+    main()
