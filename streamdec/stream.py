@@ -58,8 +58,9 @@ class StreamDecoder:
         return self._push_checked(self._check(chunk))
 
     def close(self) -> list:
-        """End the stream, free its caches and return the frames not yet returned (none, for a
-        causal family: every frame is final when it is produced)."""
+        """End the stream, free its caches and return the frames not yet returned: none for a
+        causal family (every frame is final when it is produced), the last windows' for a
+        windowed one."""
         if self.closed:
             return []
         self.closed = True
@@ -143,10 +144,16 @@ def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = 
 def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
     """Frames of latents `z` that `as_latents` has already checked."""
     stream._frame_size = tuple(z.shape[-2:])
-    for t in range(z.shape[2] + 1):
-        pending = deque(stream._push_checked(z[:, :, t : t + 1]) if t < z.shape[2] else stream.close())
-        while pending:  # popleft: the generator holds no frame it has yielded
-            yield pending.popleft()
+    for t in range(z.shape[2]):
+        yield from _hand_out(stream._push_checked(z[:, :, t : t + 1]))
+    yield from _hand_out(stream.close())
+
+
+def _hand_out(frames: list) -> Iterator:
+    pending = deque(frames)
+    del frames  # the list would keep every frame alive until the last is yielded
+    while pending:  # popleft: the generator holds no frame it has yielded
+        yield pending.popleft()
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
