@@ -218,10 +218,26 @@ def run_worker_process(method, frames, config, device, fraction) -> dict:
            "--dtype", config["dtype"], "--device", device]  # fmt: skip
     if fraction:
         cmd += ["--memory-fraction", str(fraction)]
+    return run_in_process(cmd, method=method, frames=frames)
+
+
+def run_in_process(cmd: list[str], **identity) -> dict:
+    """Run one benchmark worker in a fresh process: the JSON it prints last, or `identity` with the
+    error it died of (so one failed size does not end the whole benchmark)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"method": method, "frames": frames, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        return {**identity, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save_results(results: dict, out: str, name: str) -> Path:
+    """Write `results` to <out>/<name>-<device type>.json."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{results['device'].split(':')[0]}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return path
 
 
 def machine(device: str) -> str:
@@ -269,12 +285,7 @@ def main(argv=None):
               f"{100 * speed['streamdec_flops_fraction']:.1f}% of matmul peak", flush=True)  # fmt: skip
         results["configs"].append({**config, "runs": runs, "throughput": speed})
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / f"decode-{args.device.split(':')[0]}.json"
-    json_path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {json_path}")
-    plot(results, out)
+    plot(results, save_results(results, args.out, "decode").parent)
 
 
 def summary(run: dict) -> str:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from decode import GIB, ROOT, PeakRSS, machine, sync
+from decode import ROOT, PeakRSS, machine, run_in_process, save_results, summary, sync
 
 
 def build_models(device: str, dtype: torch.dtype):
@@ -83,27 +81,10 @@ def main(argv=None):
         for method in ("streamdec", "diffusers"):
             cmd = [sys.executable, __file__, "--device", args.device, "--worker", method, str(frames), *map(str, size),
                    dtype]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                run_ = {"method": method, "frames": frames, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-            else:
-                run_ = json.loads(proc.stdout.strip().splitlines()[-1])
+            run_ = run_in_process(cmd, method=method, frames=frames)
             results["runs"].append(run_)
-            print(f"   {frames:4d} frames {method:9s}: " + describe(run_), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"hunyuan-{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
-
-
-def describe(run: dict) -> str:
-    if "error" in run:
-        return f"FAILED ({run['error']})"
-    text = f"{run['seconds']:7.2f} s, host +{run['host_growth_bytes'] / 2**20:7.1f} MiB"
-    if "gpu_peak_bytes" in run:
-        text += f", GPU peak {run['gpu_peak_bytes'] / GIB:6.2f} GiB"
-    return text
+            print(f"   {frames:4d} frames {method:9s}: " + summary(run_), flush=True)
+    save_results(results, args.out, "hunyuan")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from decode import GIB, ROOT, PeakRSS, build_models, machine, sync
+from decode import ROOT, PeakRSS, build_models, machine, run_in_process, save_results, summary, sync
 
 
 def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save: Path) -> dict:
@@ -79,30 +78,20 @@ def main(argv=None):
                 save = work / f"{method}-{tile}.pt"
                 cmd = [sys.executable, __file__, "--device", args.device, "--worker", method, str(tile), *map(str, size),
                        str(frames), dtype, str(save)]  # fmt: skip
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    run_ = {"method": method, "tile": tile, "error": proc.stderr.strip().splitlines()[-1]}
-                else:
-                    run_ = json.loads(proc.stdout.strip().splitlines()[-1])
+                run_ = run_in_process(cmd, method=method, tile=tile)
+                if "error" not in run_:
                     untiled = torch.load(work / f"{method}-0.pt")
                     run_["max_abs_error_vs_untiled"] = (torch.load(save) - untiled).abs().max().item()
                 runs.append(run_)
                 print(f"   {method:9s} tile {tile or 'none':>4}: " + describe(run_), flush=True)
         results["configs"].append({"name": name, "size": size, "frames": frames, "dtype": dtype, "runs": runs})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"tiling-{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    save_results(results, args.out, "tiling")
 
 
 def describe(run: dict) -> str:
     if "error" in run:
-        return f"FAILED ({run['error']})"
-    text = f"{run['seconds']:7.2f} s, host +{run['host_growth_bytes'] / 2**20:7.1f} MiB"
-    if "gpu_peak_bytes" in run:
-        text += f", GPU peak {run['gpu_peak_bytes'] / GIB:6.2f} GiB"
-    return text + f", max error vs untiled {run['max_abs_error_vs_untiled']:.2e}"
+        return summary(run)
+    return summary(run) + f", max error vs untiled {run['max_abs_error_vs_untiled']:.2e}"
 
 
 if __name__ == "__main__":
