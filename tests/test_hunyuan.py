@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 
 import streamdec
 from streamdec.checkpoints import CheckpointError
+from streamdec.cli import main
 from streamdec.families.hunyuan import HunyuanConfig, HunyuanDecoder
+from streamdec.windowed import WindowedStream
 from conftest import stream_video
 from test_wan_equality import assert_equal_video
 
@@ -201,3 +203,28 @@ def test_missing_tensor_is_named(model, tmp_path):
     with pytest.raises(CheckpointError, match=r"HunyuanVideo VAE, official layout\) lacks 1 decoder tensors: "
                                               r"decoder\.mid_block\.attentions\.0\.to_k\.bias"):  # fmt: skip
         streamdec.load_vae(tmp_path / "vae.pt", device="cpu")
+
+
+def test_widths_that_do_not_split_into_norm_groups(tmp_path, capsys):
+    """A bare file carries no group count, so the released 32 applies; widths of 8 cannot have it."""
+    torch.manual_seed(0)
+    small = AutoencoderKLHunyuanVideo(block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+    torch.save(small.state_dict(), tmp_path / "vae.pt")
+    with pytest.raises(CheckpointError, match=r"widths \[16, 16, 8, 8\] do not split into 32 norm groups"):
+        streamdec.load_vae(tmp_path / "vae.pt", device="cpu")
+    assert main(["info", str(tmp_path / "vae.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("streamdec: error: ") and err.count("\n") == 1 and "norm groups" in err
+
+
+def test_wrong_number_of_up_blocks(model, tmp_path):
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.up_blocks.3.")}
+    torch.save(state, tmp_path / "vae.pt")
+    with pytest.raises(CheckpointError, match="the decoder has 3 up blocks; the HunyuanVideo VAE has 4"):
+        streamdec.load_vae(tmp_path / "vae.pt", device="cpu")
+
+
+@pytest.mark.parametrize("stride", [0, 5])
+def test_window_stride_must_fit_the_window(vae, stride):
+    with pytest.raises(ValueError, match=rf"window_stride must be in 1..window \(4\), not {stride}"):
+        WindowedStream(vae.decoder, 4, 8, window=4, window_stride=stride)

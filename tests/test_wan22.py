@@ -4,6 +4,8 @@ tiled and offloaded."""
 
 from __future__ import annotations
 
+import json
+
 import av
 import numpy as np
 import pytest
@@ -173,3 +175,20 @@ def test_cli_info_and_decode(layouts, vae, latents, tmp_path, capsys):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     expected = list(streamdec.decode_frames(vae, latents))
     assert len(frames) == 17 and all(np.array_equal(f, e) for f, e in zip(frames, expected))
+
+
+def test_output_channels_that_are_not_rgb_patches(model, tmp_path):
+    state = official_state_dict(model)
+    state["decoder.head.2.weight"], state["decoder.head.2.bias"] = torch.zeros(5, 8, 3, 3, 3), torch.zeros(5)
+    torch.save(state, tmp_path / "vae.pth")
+    with pytest.raises(CheckpointError, match=r"gives 5 channels, which are not RGB patches \(3 x p x p\)"):
+        streamdec.load_vae(tmp_path / "vae.pth", device="cpu")
+
+
+def test_latent_statistics_must_fit_the_channels(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["latents_mean"], config["latents_std"] = config["latents_mean"][:16], config["latents_std"][:16]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="takes 48 latent channels but its latent statistics have 16"):
+        streamdec.load_vae(tmp_path, device="cpu")

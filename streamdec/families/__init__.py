@@ -48,7 +48,9 @@ class Family:
         raise NotImplementedError
 
     def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
-        raise NotImplementedError
+        """Video frames from this many latent frames: temporal_ratio each, but the stream's first
+        latent frame gives a single frame (the rule of every causal video VAE here)."""
+        return self.temporal_ratio * latent_frames - (self.temporal_ratio - 1 if first_chunk else 0)
 
 
 def _families() -> list[Family]:

@@ -268,6 +268,3 @@ class HunyuanVideo(Family):
 
     def build(self, config: HunyuanConfig) -> HunyuanDecoder:
         return HunyuanDecoder(config)
-
-    def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
-        return self.temporal_ratio * latent_frames - (self.temporal_ratio - 1 if first_chunk else 0)

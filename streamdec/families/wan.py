@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -432,12 +433,13 @@ def diffusers_to_official(keys) -> dict[str, str]:
     (all of them: the official numbering counts the layers)."""
     keys = [k for k in keys if k.startswith(("decoder.", "post_quant_conv."))]
     matches = [m for k in keys if (m := _DIFFUSERS_UP.fullmatch(k))]
-    # each block's resnets in order, then its upsampler
-    layers = sorted({(int(m.group(1)), m.group(2), int(m.group(3) or 1 << 30)) for m in matches})
-    layers = [(block, layer) for block, layer, _ in layers]
-    nested = any(layer == "upsampler" for _, layer in layers)
-    flat = {layer: n for n, layer in enumerate(layers)}
-    in_block = {(block, layer): sum(1 for b, _ in layers[:n] if b == block) for n, (block, layer) in enumerate(layers)}
+    # each block's resnets in numeric order, then its upsampler
+    order = sorted({(int(m.group(1)), m.group(3) is None, int(m.group(3) or 0), m.group(2)) for m in matches})
+    nested = any(layer == "upsampler" for *_, layer in order)
+    flat, in_block, count = {}, {}, Counter()
+    for n, (block, *_, layer) in enumerate(order):
+        flat[(block, layer)], in_block[(block, layer)] = n, count[block]
+        count[block] += 1
     renames = {}
     for key in keys:
         m = _DIFFUSERS_UP.fullmatch(key)
@@ -501,9 +503,10 @@ class Wan21(Family):
     spatial_ratio = 8
     diffusers_class = "AutoencoderKLWan"
     latents_mean, latents_std = WAN21_MEAN, WAN21_STD  # unless a diffusers config says otherwise
+    residual = False  # whether its checkpoints are Wan 2.2's (`is_wan22`)
 
     def detect_layout(self, keys) -> str | None:
-        if is_wan22(keys) != (self.name == "wan2.2"):
+        if is_wan22(keys) != self.residual:
             return None
         if "decoder.middle.0.residual.0.gamma" in keys:
             return "official"
@@ -532,9 +535,6 @@ class Wan21(Family):
     def build(self, config: WanConfig) -> WanDecoder:
         return WanDecoder(config)
 
-    def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
-        return self.temporal_ratio * latent_frames - (self.temporal_ratio - 1 if first_chunk else 0)
-
 
 class Wan22(Wan21):
     """The Wan 2.2 TI2V-5B VAE: the same decoding rules, 48 channels, 16x spatial compression."""
@@ -543,3 +543,4 @@ class Wan22(Wan21):
     title = "Wan 2.2 VAE"
     spatial_ratio = 16
     latents_mean, latents_std = WAN22_MEAN, WAN22_STD
+    residual = True
