@@ -112,12 +112,26 @@ def _from_torch_file(path: Path) -> TensorSource:
                 "save its state_dict() instead"
             ) from None
         raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({first_line(err)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    obj = _unwrap_training_checkpoint(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
     return TensorSource(str(path), {k: tuple(v.shape) for k, v in obj.items()},
                         {k: v.dtype for k, v in obj.items()}, obj.__getitem__)  # fmt: skip
+
+
+def _unwrap_training_checkpoint(obj):
+    """The weights of a checkpoint saved by a training loop, as the references load them: an EMA
+    copy first where there is one (Open-Sora-Plan: "ema_state_dict", names under "module."), else
+    "state_dict" (Open-Sora-Plan nests the VAE's under "gen_model")."""
+    if not isinstance(obj, dict):
+        return obj
+    ema = obj.get("ema_state_dict")
+    if isinstance(ema, dict) and ema:
+        return {k.replace("module.", ""): v for k, v in ema.items()}
+    weights = obj.get("state_dict")
+    if isinstance(weights, dict):
+        return weights["gen_model"] if isinstance(weights.get("gen_model"), dict) else weights
+    return obj
 
 
 def _from_folder(path: Path) -> TensorSource:
@@ -130,6 +144,11 @@ def _from_folder(path: Path) -> TensorSource:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {config_file}: {first_line(err)}") from None
+    ckpts = sorted(path.glob("*.ckpt"))
+    if ckpts:  # Open-Sora-Plan's VAE folders: config.json and a training checkpoint, which its loader prefers
+        source = _from_torch_file(ckpts[-1])
+        source.description, source.diffusers_config = str(path), config
+        return source
     single = path / "diffusion_pytorch_model.safetensors"
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if single.is_file():
@@ -144,7 +163,9 @@ def _from_folder(path: Path) -> TensorSource:
         source = _from_torch_file(path / "diffusion_pytorch_model.bin")
         source.description, source.diffusers_config = str(path), config
         return source
-    raise CheckpointError(f"{path} has config.json but no diffusion_pytorch_model.safetensors (or .bin) beside it")
+    raise CheckpointError(
+        f"{path} has config.json but no diffusion_pytorch_model.safetensors (or .bin, or .ckpt) beside it"
+    )
 
 
 def quiet_torch_load(path, mmap: bool = False):
@@ -192,7 +213,7 @@ def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str,
         names = family.source_name_map(layout, expected)
         raise CheckpointError(f"{where} lacks {len(missing)} decoder tensors: {_listing([names[m] for m in missing])}")
     unexpected = sorted(
-        [old for old in source.shapes if old not in renames and not family.is_encoder_key(old)]
+        [old for old in source.shapes if old not in renames and not family.is_unused_key(old)]
         + [old for old, new in renames.items() if new not in expected]
     )
     if unexpected:

@@ -7,6 +7,8 @@ stream lives here, keyed by the module that owns it:
   of frames per layer (kernel size - 1), so the state never grows with the video length.
 - `started`: the layers that have already seen the first frame of the stream, for the
   layers that treat that frame specially (Wan's temporal upsampler lets it pass through).
+- `ahead`: frames a branch produced before the branch it joins could use them (WF-VAE's
+  wavelet branches run half a latent frame ahead of its delayed main path); a frame or two.
 
 A decoder works on one StreamState per independent stream; spatial tiling keeps a child state
 per tile (`tile(key)`), since each tile's layers see only that tile's past.
@@ -23,6 +25,7 @@ class StreamState:
     def __init__(self) -> None:
         self.history: dict[nn.Module, torch.Tensor] = {}
         self.started: set[nn.Module] = set()
+        self.ahead: dict[nn.Module, torch.Tensor] = {}
         self.tiles: dict[tuple, StreamState] = {}
         self.frames_in = 0  # latent frames decoded so far
         self.frames_out = 0  # video frames produced so far
@@ -31,11 +34,14 @@ class StreamState:
     def is_first_chunk(self) -> bool:
         return self.frames_in == 0
 
-    def with_history(self, layer: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """Prepend `layer`'s last `frames` input frames to `x` (zeros before the stream starts),
-        and remember the last `frames` frames of the result for the next chunk."""
+    def with_history(self, layer: nn.Module, x: torch.Tensor, frames: int, first: str = "zeros") -> torch.Tensor:
+        """Prepend `layer`'s last `frames` input frames to `x` (before the stream starts: zeros, or
+        with first="replicate" copies of the first frame), and remember the last `frames` frames of
+        the result for the next chunk."""
         past = self.history.get(layer)
-        if past is None:
+        if past is None and first == "replicate":
+            full = torch.cat([x[:, :, :1].expand(-1, -1, frames, -1, -1), x], dim=2)
+        elif past is None:
             full = F.pad(x, (0, 0, 0, 0, frames, 0))
         else:
             full = torch.cat([past.to(x.dtype), x], dim=2)
@@ -50,6 +56,14 @@ class StreamState:
         self.started.add(layer)
         return True
 
+    def align(self, branch: nn.Module, frames: torch.Tensor | None, wanted: int) -> torch.Tensor:
+        """Queue `branch`'s new frames (if any) behind those it produced earlier; take the first `wanted`."""
+        queued = self.ahead.get(branch)
+        if frames is not None:
+            queued = frames if queued is None else torch.cat([queued, frames], dim=2)
+        self.ahead[branch] = queued[:, :, wanted:]
+        return queued[:, :, :wanted]
+
     def tile(self, key: tuple) -> "StreamState":
         """The state of one spatial tile, created empty on first use."""
         if key not in self.tiles:
@@ -58,10 +72,11 @@ class StreamState:
 
     def to(self, device: torch.device | str) -> "StreamState":
         self.history = {k: v.to(device) for k, v in self.history.items()}
+        self.ahead = {k: v.to(device) for k, v in self.ahead.items()}
         for child in self.tiles.values():
             child.to(device)
         return self
 
     def nbytes(self) -> int:
-        own = sum(t.numel() * t.element_size() for t in self.history.values())
+        own = sum(t.numel() * t.element_size() for t in [*self.history.values(), *self.ahead.values()])
         return own + sum(child.nbytes() for child in self.tiles.values())

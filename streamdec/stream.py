@@ -19,7 +19,6 @@ from .latents import as_latents
 from .state import StreamState
 from .tiling import decode_tiled, parse_tile, supports_tiling
 from .vae import VAE
-from .windowed import WindowedStream
 
 
 class StreamDecoder:
@@ -32,10 +31,13 @@ class StreamDecoder:
     de-normalized with the family's per-channel statistics (z * std + mean). `tile` (latent
     pixels, an int or (height, width)) decodes each frame in spatial tiles: for a causal family
     (Wan) with output equal to the untiled decode and activation memory bounded by the tile; for a
-    windowed family (HunyuanVideo) as its reference does, blended, every 3/4 tile.
+    windowed family as its reference does, blended: HunyuanVideo every 3/4 tile (untiled by
+    default), CausalVAE every 7/8 tile (64 latent pixels by default, its `enable_tiling()`).
 
-    A causal family's frames are final as soon as they are decoded. A windowed family's are final
-    once their window is: each push returns whole windows' worth, and `close()` the last ones.
+    A causal family's frames are final as soon as they are decoded, or, with a lookahead (WF-VAE),
+    once the next latent frame has come: the last latent frame's are returned by `close()`. A
+    windowed family's are final once their window is: each push returns whole windows' worth, and
+    `close()` the last ones.
     """
 
     def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False, tile=None):
@@ -44,9 +46,9 @@ class StreamDecoder:
         self.as_tensor = as_tensor
         self.tile = parse_tile(tile)
         self.state: StreamState | None = None
-        self.windows: WindowedStream | None = None
+        self.windows = None  # a windowed family's stream (streamdec.windowed)
         if vae.family_spec.strategy == "windowed":
-            self.windows = WindowedStream(vae.decoder, vae.temporal_ratio, vae.spatial_ratio, tile=self.tile)
+            self.windows = vae.family_spec.window_stream(vae.decoder, self.tile)
         else:
             if self.tile is not None and not supports_tiling(vae.decoder):
                 raise ValueError(f"the {vae.family_spec.title} decoder cannot be tiled exactly; use tile=None")
@@ -58,20 +60,20 @@ class StreamDecoder:
         return self._push_checked(self._check(chunk))
 
     def close(self) -> list:
-        """End the stream, free its caches and return the frames not yet returned: none for a
-        causal family (every frame is final when it is produced), the last windows' for a
-        windowed one."""
+        """End the stream, free its caches and return the frames not yet returned: those a causal
+        family's lookahead held back (none without one), the last windows' for a windowed one."""
         if self.closed:
             return []
         self.closed = True
-        self.state = None
-        if self.windows is None:
-            return []
+        state, self.state = self.state, None
+        windows, self.windows = self.windows, None
         try:
             with torch.inference_mode():
-                return self._host_frames(self.windows.close())
+                if windows is not None:
+                    return self._host_frames(windows.close())
+                rest = self.vae.decoder.finish(state) if self.vae.family_spec.lookahead else None
+                return [] if rest is None else self._host_frames([rest])
         finally:
-            self.windows = None
             self._chunk_done()
 
     def _check(self, chunk) -> torch.Tensor:

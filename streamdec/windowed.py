@@ -1,5 +1,8 @@
 """Windowed streaming, for decoders whose output cannot be carried exactly from chunk to chunk
-(HunyuanVideo normalizes over the whole time axis of its input).
+(HunyuanVideo and Open-Sora-Plan's CausalVAE normalize over the whole time axis of their input).
+Each stream runs its family's reference schedule as the latents arrive.
+
+HunyuanVideo (`WindowedStream`):
 
 The reference (diffusers' default framewise decoding) decodes overlapping temporal windows of
 `window + 1` latent frames every `window_stride` latent frames, drops each later window's first
@@ -8,6 +11,9 @@ frame, blends each window's first frames linearly with the end of the window bef
 never touched by a later window, so it is final as soon as its window is decoded: `WindowedStream`
 decodes each window the moment its latents have arrived and hands its kept frames out, holding
 only the latents of the next window and the previous window's last frames.
+
+Open-Sora-Plan CausalVAE (`ContextWindowStream`): windows of 6 latent frames every 4; a later
+window's first 2 latents are context only and their frames are dropped, with no blending.
 
 Spatial tiling is the reference's too (`tiled_decode`): tiles of `tile` latent pixels every
 `tile_stride`, each decoded on its own and blended linearly into its upper and left neighbours.
@@ -116,3 +122,58 @@ class WindowedStream:
         if self.tile is not None and (h > self.tile[0] or w > self.tile[1]):
             return decode_blended_tiles(self.decoder, z, self.tile, self.tile_stride, self.spatial_ratio)
         return self.decoder(z)
+
+
+class ContextWindowStream:
+    """Latent chunks in, final video pieces out, on Open-Sora-Plan CausalVAE's tiled decode schedule.
+
+    The reference (`CausalVAEModel.tiled_decode`) cuts the latents into windows of `window` frames
+    starting every `stride`; a window after the first drops the frames of its first
+    `window - stride` latents (context its predecessor has already decoded). The last window is
+    either the clipped next one or, where that would leave latents out, one from the next start to
+    the end. Every window is decoded in spatial tiles of `tile` latent pixels overlapping by
+    `overlap` of a tile (its `tiled_decode2d`) once the video is longer than `window - 1` latents or
+    the frame larger than a tile; shorter clips of small frames are decoded whole, as there."""
+
+    def __init__(self, decoder: Callable[[torch.Tensor], torch.Tensor], temporal_ratio: int, spatial_ratio: int,
+                 window: int = 6, stride: int = 4, tile: tuple[int, int] | None = None, overlap: float = 0.125):  # fmt: skip
+        tile = tile or (64, 64)  # the reference's 512-pixel tiles
+        if any((t * overlap) % 1 for t in tile):
+            raise ValueError(f"tile must be a multiple of {round(1 / overlap)} latent pixels for the "
+                             f"reference's {overlap:g} tile overlap, not {tile[0]}x{tile[1]}")  # fmt: skip
+        self.decoder = decoder
+        self.temporal_ratio, self.spatial_ratio = temporal_ratio, spatial_ratio
+        self.window, self.stride = window, stride
+        self.tile = tile
+        self.tile_stride = tuple(int(t * (1 - overlap)) for t in tile)
+        self.pending: torch.Tensor | None = None  # latents from the next window's start on
+        self.windows_done = 0
+        self.frames_in = 0
+
+    def push(self, z: torch.Tensor) -> list[torch.Tensor]:
+        self.pending = z if self.pending is None else torch.cat([self.pending, z], dim=2)
+        self.frames_in += z.shape[2]
+        out = []
+        while self.pending.shape[2] >= self.window:
+            out.append(self._decode_window(self.pending[:, :, : self.window]))
+            self.pending = self.pending[:, :, self.stride :]
+        return out
+
+    def close(self) -> list[torch.Tensor]:
+        """Decode the last window if it has latents no window has decoded yet."""
+        pending, self.pending = self.pending, None
+        context = self.window - self.stride
+        if pending is None or pending.shape[2] <= (0 if self.windows_done == 0 else context):
+            return []
+        return [self._decode_window(pending)]
+
+    def _decode_window(self, z: torch.Tensor) -> torch.Tensor:
+        h, w = z.shape[-2:]
+        if self.frames_in >= self.window or h > self.tile[0] or w > self.tile[1]:
+            video = decode_blended_tiles(self.decoder, z, self.tile, self.tile_stride, self.spatial_ratio)
+        else:
+            video = self.decoder(z)
+        if self.windows_done:
+            video = video[:, :, 1 + (self.window - self.stride - 1) * self.temporal_ratio :]
+        self.windows_done += 1
+        return video

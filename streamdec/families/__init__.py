@@ -23,6 +23,7 @@ class Family:
     # "causal": the decoder carries its state in a StreamState, any chunking is exact;
     # "windowed": it decodes whole windows of latents, on the reference's overlapping schedule.
     strategy = "causal"
+    lookahead = 0  # latent frames a causal stream waits for before a latent frame's video is final
 
     def detect_layout(self, keys) -> str | None:
         """The key layout ("official", "diffusers", ...) if these keys are this family's."""
@@ -36,7 +37,8 @@ class Family:
         """decoder parameter name -> checkpoint key, to name missing tensors as the file would."""
         raise NotImplementedError
 
-    def is_encoder_key(self, key: str) -> bool:
+    def is_unused_key(self, key: str) -> bool:
+        """A checkpoint tensor the decoder does not read (the encoder's, or a stored constant)."""
         raise NotImplementedError
 
     def config(self, shapes: dict[str, tuple[int, ...]], diffusers_config: dict | None):
@@ -47,6 +49,10 @@ class Family:
         a windowed family)."""
         raise NotImplementedError
 
+    def window_stream(self, decoder: nn.Module, tile):
+        """A windowed family's stream: its reference's window schedule around `decoder`."""
+        raise NotImplementedError
+
     def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
         """Video frames from this many latent frames: temporal_ratio each, but the stream's first
         latent frame gives a single frame (the rule of every causal video VAE here)."""
@@ -55,9 +61,11 @@ class Family:
 
 def _families() -> list[Family]:
     from .hunyuan import HunyuanVideo
+    from .opensora_plan import CausalVAE
     from .wan import Wan21, Wan22
+    from .wfvae import WFVAE
 
-    return [Wan21(), Wan22(), HunyuanVideo()]
+    return [Wan21(), Wan22(), HunyuanVideo(), WFVAE(), CausalVAE()]
 
 
 def detect(keys) -> tuple[Family, str]:

@@ -258,7 +258,7 @@ class HunyuanVideo(Family):
         prefix = "vae." if layout == "prefixed" else ""
         return {k: prefix + k for k in internal_keys}
 
-    def is_encoder_key(self, key: str) -> bool:
+    def is_unused_key(self, key: str) -> bool:
         return key.removeprefix("vae.").startswith(("encoder.", "quant_conv."))
 
     def config(self, shapes, diffusers_config: dict | None) -> HunyuanConfig:
@@ -268,3 +268,8 @@ class HunyuanVideo(Family):
 
     def build(self, config: HunyuanConfig) -> HunyuanDecoder:
         return HunyuanDecoder(config)
+
+    def window_stream(self, decoder: nn.Module, tile):
+        from ..windowed import WindowedStream
+
+        return WindowedStream(decoder, self.temporal_ratio, self.spatial_ratio, tile=tile)

@@ -524,7 +524,7 @@ class Wan21(Family):
             return diffusers_to_official(internal_keys)
         return {k: k for k in internal_keys}
 
-    def is_encoder_key(self, key: str) -> bool:
+    def is_unused_key(self, key: str) -> bool:
         return key.startswith(("encoder.", "quant_conv.", "conv1."))
 
     def config(self, shapes, diffusers_config: dict | None) -> WanConfig:
