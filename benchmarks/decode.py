@@ -93,6 +93,22 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+def measured(device: str, work) -> dict:
+    """Run `work()` (which returns a dict of results) and add its wall time, host RSS growth and,
+    on CUDA, peak allocated device memory."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        result = work()
+        sync(device)
+        seconds = time.perf_counter() - start
+    result.update(seconds=seconds, host_growth_bytes=rss.growth)
+    if device.startswith("cuda"):
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
 def diffusers_frames(reference, z):
     """What diffusers users do: decode the whole video, then convert it to uint8 frames."""
     with torch.no_grad():

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 
-from decode import ROOT, PeakRSS, machine, run_in_process, save_results, summary, sync
+from decode import ROOT, machine, measured, run_in_process, save_results, summary
 
 
 def build_models(device: str, dtype: torch.dtype):
@@ -41,10 +40,8 @@ def run(method: str, frames: int, size, device: str, dtype: str) -> dict:
     reference, ours = build_models(device, streamdec.vae.resolve_dtype(dtype))
     z = torch.randn(1, 16, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1))
     z = z.to(device=device, dtype=ours.dtype)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
-        start = time.perf_counter()
+
+    def work() -> dict:
         if method == "streamdec":
             count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
         else:
@@ -52,12 +49,9 @@ def run(method: str, frames: int, size, device: str, dtype: str) -> dict:
                 video = reference.decode(z).sample
             frames_u8 = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu()
             count = len(frames_u8.numpy())
-        sync(device)
-        seconds = time.perf_counter() - start
-    result = {"method": method, "frames": count, "seconds": seconds, "host_growth_bytes": rss.growth}
-    if device.startswith("cuda"):
-        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return result
+        return {"method": method, "frames": count}
+
+    return measured(device, work)
 
 
 def main(argv=None):

@@ -22,13 +22,12 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from decode import ROOT, PeakRSS, machine, run_in_process, save_results, summary, sync
+from decode import ROOT, machine, measured, run_in_process, save_results, summary
 
 
 def build(family: str, device: str, dtype: torch.dtype):
@@ -54,21 +53,16 @@ def run(family: str, method: str, frames: int, size, device: str, dtype: str) ->
     vae = build(family, device, streamdec.vae.resolve_dtype(dtype))
     z = torch.randn(1, vae.latent_channels, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1))
     z = z.to(device=device, dtype=vae.dtype)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
-        start = time.perf_counter()
+
+    def work() -> dict:
         if method == "streamdec":
             count = sum(1 for _ in streamdec.decode_frames(vae, z, normalized=False))
         else:
             with torch.inference_mode():
                 count = len(to_uint8(vae.decoder(z)).cpu().numpy())
-        sync(device)
-        seconds = time.perf_counter() - start
-    result = {"family": family, "method": method, "frames": count, "seconds": seconds, "host_growth_bytes": rss.growth}
-    if device.startswith("cuda"):
-        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return result
+        return {"family": family, "method": method, "frames": count}
+
+    return measured(device, work)
 
 
 def main(argv=None):

@@ -16,12 +16,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from decode import ROOT, PeakRSS, build_models, machine, run_in_process, save_results, summary, sync
+from decode import ROOT, build_models, machine, measured, run_in_process, save_results, summary
 
 
 def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save: Path) -> dict:
@@ -30,10 +29,9 @@ def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save
 
     reference, ours = build_models(device, streamdec.vae.resolve_dtype(dtype))
     z = torch.randn(1, 16, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1)).to(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
-        start = time.perf_counter()
+    videos = []  # kept out of the measure's result, saved after the clock stops
+
+    def work() -> dict:
         if method == "streamdec":
             video = torch.stack(list(streamdec.decode_frames(ours, z, normalized=False, as_tensor=True, tile=tile or None)), 1)
         else:
@@ -44,12 +42,11 @@ def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save
                                         tile_sample_stride_width=tile * ratio * 3 // 4)  # fmt: skip
             with torch.no_grad():
                 video = reference.decode(z).sample[0].float().cpu()
-        sync(device)
-        seconds = time.perf_counter() - start
-    torch.save(video, save)
-    result = {"method": method, "tile": tile, "seconds": seconds, "host_growth_bytes": rss.growth}
-    if device.startswith("cuda"):
-        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        videos.append(video)
+        return {"method": method, "tile": tile}
+
+    result = measured(device, work)
+    torch.save(videos.pop(), save)
     return result
 
 

@@ -139,14 +139,11 @@ class TimeSpaceUpsample(nn.Module):
     def forward(self, x: torch.Tensor | None, state: StreamState | None = None) -> torch.Tensor | None:
         """`x=None` ends the stream: the output frame still waiting for a next input frame, if any."""
         if state is None:
-            return self.conv(self._space(self._time_one_shot(x)))
+            return self.conv(self._space(time_upsample(x, self.mode)))
         if x is None:
             last = state.history.pop(self, None)
             return None if last is None else self.conv(self._space(self._odd(last, last)), state)
         return self.conv(self._space(self._time_streamed(x, state)), state)
-
-    def _time_one_shot(self, x: torch.Tensor) -> torch.Tensor:
-        return time_upsample(x, self.mode)
 
     def _time_streamed(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         out = []
