@@ -315,3 +315,51 @@ def test_cli_info_and_decode(layouts, tmp_path, capsys):
     assert main(["decode", str(tmp_path / "z.pt"), "--vae", str(layouts["causalvae_v12"]["folder"]), "-o", str(out),
                  "--tile", "8", "--quiet"]) == 0  # fmt: skip
     assert out.stat().st_size > 0
+
+
+def test_wfvae_8x_in_time_is_refused(tmp_path):
+    # v1.5's WF-VAE upsamples time in up1 too: a 3-D causal conv where the 4x model has a 2-D one.
+    state = official_state_dict("wfvae")
+    w = state.pop("decoder.up1.2.conv.weight")
+    state["decoder.up1.2.conv.conv.weight"] = w[:, :, None].expand(-1, -1, 3, -1, -1).contiguous()
+    save_file(state, tmp_path / "v15.safetensors")
+    with pytest.raises(CheckpointError, match="upsamples 8x in time"):
+        streamdec.load_vae(tmp_path / "v15.safetensors", device="cpu")
+
+
+def save_folder(name: str, root, state: dict, **config) -> object:
+    root.mkdir()
+    save_file(state, root / "diffusion_pytorch_model.safetensors")
+    (root / "config.json").write_text(json.dumps({**config_json(name), **config}))
+    return root
+
+
+def test_wfvae_unknown_time_interpolation_is_refused(tmp_path):
+    folder = save_folder("wfvae", tmp_path / "f", official_state_dict("wfvae"), t_interpolation="bicubic")
+    with pytest.raises(CheckpointError, match="t_interpolation 'bicubic'"):
+        streamdec.load_vae(folder, device="cpu")
+
+
+def test_causalvae_attention_in_up_blocks_is_refused(tmp_path):
+    state = official_state_dict("causalvae_v12")
+    state["decoder.up.0.attn.0.q.conv.weight"] = torch.zeros(32, 32, 1, 1, 1)
+    save_file(state, tmp_path / "attn.safetensors")
+    with pytest.raises(CheckpointError, match="attention in its up blocks"):
+        streamdec.load_vae(tmp_path / "attn.safetensors", device="cpu")
+
+
+def test_causalvae_unknown_upsampler_is_refused(tmp_path):
+    folder = save_folder("causalvae_v12", tmp_path / "f", official_state_dict("causalvae_v12"),
+                         decoder_temporal_upsample=["", "", "TimeUpsample4x", ""])  # fmt: skip
+    with pytest.raises(CheckpointError, match="upsampler 'TimeUpsample4x'"):
+        streamdec.load_vae(folder, device="cpu")
+
+
+def test_causalvae_widths_that_do_not_split_into_norm_groups(tmp_path, capsys):
+    state = {k: v[:16] if k.startswith("decoder.up.0.") and v.dim() == 1 else v
+             for k, v in official_state_dict("causalvae_v12").items()}  # fmt: skip
+    state["decoder.up.0.block.0.conv1.conv.weight"] = state["decoder.up.0.block.0.conv1.conv.weight"][:16]
+    save_file(state, tmp_path / "narrow.safetensors")
+    assert main(["info", str(tmp_path / "narrow.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "do not split into 32 norm groups" in err and len(err.splitlines()) == 1 and "Traceback" not in err
