@@ -176,14 +176,25 @@ def quiet_torch_load(path, mmap: bool = False):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def load_vae(src, device=None, dtype=None, offload: str = "none") -> VAE:
+def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram: float | None = None) -> VAE:
     """Load a VAE decoder from a checkpoint file, a diffusers folder or a diffusers model object.
 
     The family is detected from the tensor names. `device`: "cpu", "cuda", ... (default: CUDA if
-    present); `dtype`: fp32 (default), bf16 or fp16; `offload`: "none" (weights on the device)."""
+    present); `dtype`: fp32 (default), bf16 or fp16; `offload`: "none" (weights on the device),
+    "model" (there while a chunk decodes) or "block" (one block at a time, prefetched); see
+    streamdec.offload. `max_vram`: GiB of device memory a decode may use at its peak; each video's
+    decode then picks its offload mode (unless `offload` names one) and spatial tiling to stay
+    under it, or refuses with the smallest budget that would do (see streamdec.memory)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if offload not in MODES:
-        raise ValueError(f"unknown offload mode {offload!r}; use one of {', '.join(MODES)}")
+    if max_vram is not None and (isinstance(max_vram, bool) or not isinstance(max_vram, (int, float))
+                                 or not 0 < max_vram < float("inf")):  # fmt: skip
+        raise ValueError(f"max_vram must be a positive number of GiB, like 20, not {max_vram!r}")
+    request = offload or ("auto" if max_vram is not None else "none")
+    if request == "auto" and max_vram is None:
+        raise ValueError("offload='auto' lets max_vram choose the mode; give max_vram (GiB) or name a mode")
+    if request not in (*MODES, "auto"):
+        raise ValueError(f"unknown offload mode {offload!r}; use one of {', '.join(MODES)}, or auto with max_vram")
+    offload = "none" if request == "auto" else request  # "auto": settled per video, once its size is known
     source = open_checkpoint(src)
     try:
         family, layout = families.detect(source.shapes)
@@ -201,7 +212,7 @@ def load_vae(src, device=None, dtype=None, offload: str = "none") -> VAE:
     decoder.eval().requires_grad_(False)
     offloader = attach(decoder, decoder.offload_blocks(), device, offload)
     stored = Counter(source.dtypes[old] for old in renames).most_common(1)[0][0]
-    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader)
+    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader, max_vram, request)
 
 
 def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str, str], decoder: nn.Module) -> None:

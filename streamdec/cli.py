@@ -70,12 +70,15 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default, exact), bf16 or fp16")
-    p.add_argument("--tile", type=_tile_arg, help="decode in spatial tiles of N or HxW latent pixels; "
-                                                  "same output, less memory (default: untiled)")  # fmt: skip
+    p.add_argument("--tile", type=_tile_arg, default="auto",
+                   help="decode in spatial tiles of N or HxW latent pixels (same output, less memory), "
+                        "none, or auto (default: what --max-vram needs, else untiled)")  # fmt: skip
     if offload:
-        p.add_argument("--offload", default="none", choices=["none", "model", "block"],
-                       help="weights on the device (none), there while a chunk decodes (model), "
-                            "or per block with prefetch (block)")  # fmt: skip
+        p.add_argument("--offload", choices=["none", "model", "block", "auto"],
+                       help="weights on the device (none, the default), there while a chunk decodes (model), "
+                            "per block with prefetch (block), or what --max-vram needs (auto, its default)")  # fmt: skip
+        p.add_argument("--max-vram", type=_gib_arg, metavar="GIB",
+                       help="device memory the decode may peak at, in GiB: offload and tiles are chosen to fit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +103,7 @@ def run_decode(args) -> int:
 
     target = _output_target(args.output, args.overwrite)
     latents = read_latents(args.latents, key=args.key)
-    vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload)
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram)
     return _decode(vae, latents, target, args, normalized=not args.raw_latents)
 
 
@@ -151,13 +154,25 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
 
 
 def _tile_arg(text: str):
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or HxW latent pixels, like 32 or 24x40, not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected N or HxW latent pixels, like 32 or 24x40, auto or none, not {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _gib_arg(text: str) -> float:
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = 0.0
+    if not 0 < gib < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, like 20 or 7.5, not {text!r}")
+    return gib
 
 
 def _output_target(output: str, overwrite: bool):

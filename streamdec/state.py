@@ -70,13 +70,17 @@ class StreamState:
             self.tiles[key] = StreamState()
         return self.tiles[key]
 
-    def to(self, device: torch.device | str) -> "StreamState":
-        self.history = {k: v.to(device) for k, v in self.history.items()}
-        self.ahead = {k: v.to(device) for k, v in self.ahead.items()}
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "StreamState":
+        self.history = {k: v.to(device, non_blocking=non_blocking) for k, v in self.history.items()}
+        self.ahead = {k: v.to(device, non_blocking=non_blocking) for k, v in self.ahead.items()}
         for child in self.tiles.values():
-            child.to(device)
+            child.to(device, non_blocking)
         return self
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the state holds, its tiles' included."""
+        own = [*self.history.values(), *self.ahead.values()]
+        return own + [t for child in self.tiles.values() for t in child.tensors()]
+
     def nbytes(self) -> int:
-        own = sum(t.numel() * t.element_size() for t in [*self.history.values(), *self.ahead.values()])
-        return own + sum(child.nbytes() for child in self.tiles.values())
+        return sum(t.numel() * t.element_size() for t in self.tensors())

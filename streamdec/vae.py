@@ -40,7 +40,8 @@ class VAE:
     """What `load_vae` returns. `decoder(latents, state)` maps de-normalized latents to video."""
 
     def __init__(self, family: Family, config, decoder: nn.Module, device: torch.device, dtype: torch.dtype,
-                 stored_dtype: torch.dtype, source: str, offloader=None):  # fmt: skip
+                 stored_dtype: torch.dtype, source: str, offloader=None, max_vram: float | None = None,
+                 offload_request: str | None = None):  # fmt: skip
         self.family_spec = family
         self.config = config
         self.decoder = decoder
@@ -49,6 +50,9 @@ class VAE:
         self.stored_dtype = stored_dtype
         self.source = source
         self.offloader = offloader  # a streamdec.offload.Offloader, or None: weights stay on the device
+        self.max_vram = max_vram  # GiB of device memory a decode may peak at (streamdec.memory), or None
+        # the offload mode asked for; "auto": the one max_vram's plan picks for each video
+        self.offload_request = offload_request or self.offload
         shape = (1, -1, 1, 1, 1)
         self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
         self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)
@@ -72,6 +76,20 @@ class VAE:
     @property
     def offload(self) -> str:
         return "none" if self.offloader is None else self.offloader.mode
+
+    def set_offload(self, mode: str) -> None:
+        """Switch the offload mode (a max_vram plan does, per video); the output is the same."""
+        from .offload import attach
+
+        if mode == self.offload:
+            return
+        if self.offloader is not None:
+            self.offloader.remove()  # every weight back in its resting CPU copy
+            self.offloader = None
+        if mode == "none":
+            self.decoder.to(self.device)
+        else:
+            self.offloader = attach(self.decoder, self.decoder.offload_blocks(), self.device, mode)
 
     def num_parameters(self) -> int:
         offloader = self.offloader

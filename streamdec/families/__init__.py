@@ -25,6 +25,13 @@ class Family:
     strategy = "causal"
     lookahead = 0  # latent frames a causal stream waits for before a latent frame's video is final
 
+    @property
+    def steady_latents(self) -> int:
+        """Latent frames after which a stream's memory use repeats itself (memory estimates decode
+        this many): the first (special), the second (the first that time upsamplers double), then
+        one in steady state, after any lookahead."""
+        return 3 + self.lookahead
+
     def detect_layout(self, keys) -> str | None:
         """The key layout ("official", "diffusers", ...) if these keys are this family's."""
         raise NotImplementedError

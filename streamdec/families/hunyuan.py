@@ -239,6 +239,7 @@ class HunyuanVideo(Family):
     spatial_ratio = 8
     diffusers_class = "AutoencoderKLHunyuanVideo"
     strategy = "windowed"
+    steady_latents = 8  # two windows: 5 latents, then 3 more
 
     # HunyuanVideo's `pytorch_model.pt`, Open-Sora 2.0's `hunyuan_vae.safetensors` and diffusers'
     # folders all use the same names; Tencent's loader also accepts them under a "vae." prefix.

@@ -386,6 +386,7 @@ class CausalVAE(Family):
     spatial_ratio = 8
     diffusers_class = "CausalVAEModel"
     strategy = "windowed"
+    steady_latents = 10  # two windows: 6 latents, then 4 more
 
     # The released folders hold config.json with a .ckpt or diffusers safetensors; the names are
     # the model's own, with the encoder's beside them.
