@@ -21,6 +21,7 @@ go to docs/benchmarks/decode-<device>.json and PNG plots beside it (plots need m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -119,7 +120,9 @@ def diffusers_frames(reference, z):
 # ---------------------------------------------------------------------------- one run per process
 
 
-def worker(method: str, frames: int, size, device: str, dtype: str, memory_fraction: float | None) -> dict:
+def worker(method: str, frames: int, size, device: str, dtype: str, memory_fraction: float | None,
+           around=contextlib.nullcontext) -> dict:  # fmt: skip
+    """One end-to-end latents -> mp4 run; `around()` is entered for the job alone (models built)."""
     import streamdec
     from streamdec.sinks import VideoSink
 
@@ -133,7 +136,7 @@ def worker(method: str, frames: int, size, device: str, dtype: str, memory_fract
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     error = None
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, around():
         start = time.perf_counter()
         try:
             if method == "streamdec":

@@ -13,6 +13,7 @@ and fragmentation. `PLAN_MARGIN` leaves room for them.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class MemoryTrace(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
+        self.lock = threading.Lock()  # tensors may die in another thread (frames in a writer queue)
         self.users: dict[int, int] = {}  # storage -> tensors alive that use it
         self.sizes: dict[int, int] = {}  # storage -> bytes, for the counted ones
         self.now = 0
@@ -42,27 +44,30 @@ class MemoryTrace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                key = _key(t)
-                if key in inputs and key not in self.users:
-                    continue  # a view of a storage made before the trace (a weight)
-                if key not in self.users:
-                    self.users[key] = 0
-                    self._count(key, t.untyped_storage().nbytes())
-                self.users[key] += 1
-                weakref.finalize(t, self._release, key)
+        with self.lock:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    key = _key(t)
+                    if key in inputs and key not in self.users:
+                        continue  # a view of a storage made before the trace (a weight)
+                    if key not in self.users:
+                        self.users[key] = 0
+                        self._count(key, t.untyped_storage().nbytes())
+                    self.users[key] += 1
+                    weakref.finalize(t, self._release, key)
         return out
 
     def forget(self, tensors) -> None:
-        for t in tensors:
-            self.now -= self.sizes.pop(_key(t), 0)
+        with self.lock:
+            for t in tensors:
+                self.now -= self.sizes.pop(_key(t), 0)
 
     def recount(self, tensors) -> None:
-        for t in tensors:
-            key = _key(t)
-            if key in self.users and key not in self.sizes:
-                self._count(key, t.untyped_storage().nbytes())
+        with self.lock:
+            for t in tensors:
+                key = _key(t)
+                if key in self.users and key not in self.sizes:
+                    self._count(key, t.untyped_storage().nbytes())
 
     def _count(self, key: int, nbytes: int) -> None:
         self.sizes[key] = nbytes
@@ -70,10 +75,11 @@ class MemoryTrace(TorchDispatchMode):
         self.peak = max(self.peak, self.now)
 
     def _release(self, key: int) -> None:
-        self.users[key] -= 1
-        if self.users[key] == 0:
-            del self.users[key]
-            self.now -= self.sizes.pop(key, 0)
+        with self.lock:
+            self.users[key] -= 1
+            if self.users[key] == 0:
+                del self.users[key]
+                self.now -= self.sizes.pop(key, 0)
 
 
 def _key(t: torch.Tensor) -> int:

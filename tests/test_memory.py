@@ -95,8 +95,10 @@ def test_tiled_estimate_equals_what_a_real_tiled_decode_allocates(wan):
     assert estimated == traced_decode(wan, SIZE, 3, tile=(6, 6))
 
 
-def test_estimate_grows_with_the_frame_not_with_the_video(wan):
-    assert estimate_peak(wan, SIZE, 3) == estimate_peak(wan, SIZE, 30)
+def test_memory_grows_with_the_frame_not_with_the_video(wan):
+    # Real decodes, every latent frame traced: a longer video needs not one byte more.
+    assert traced_decode(wan, SIZE, 4) == traced_decode(wan, SIZE, 12)
+    assert traced_decode(wan, SIZE, 4, tile=(6, 6)) == traced_decode(wan, SIZE, 12, tile=(6, 6))
     assert estimate_peak(wan, (28, 36), 3) > 3 * estimate_peak(wan, SIZE, 3) - 4 * memory.weight_bytes(wan, "none")
 
 
