@@ -143,6 +143,13 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
     format = args.format or ("y4m" if to_stdout else None)
     if to_stdout and sys.stdout.isatty():
         raise ValueError("refusing to write video to a terminal; pipe it (| ffmpeg -i - out.mp4) or use -o FILE")
+    if vae.max_vram is not None and not args.quiet:  # say what the budget chose (decode_to_file reuses it)
+        from .latents import as_latents
+        from .memory import plan_decode
+
+        z = as_latents(latents, vae.latent_channels)
+        plan = plan_decode(vae, tuple(z.shape[-2:]), z.shape[2], tile=args.tile)
+        _say(f"max-vram {vae.max_vram:g} GiB: {plan.describe()}")
     written = decode_to_file(
         vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
         pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet, tile=args.tile,

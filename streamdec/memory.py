@@ -185,12 +185,21 @@ def plan_decode(vae, latent_size: tuple[int, int], latent_frames: int | None = N
     the device before block offload (prefetched, it costs little), untiled before tiled (tiles
     recompute their halos), large tiles before small. A `tile` other than "auto" and an offload mode
     named at load are kept. Raises BudgetError naming the smallest budget that would do."""
+    steady = vae.family_spec.steady_latents
+    key = (tuple(latent_size), steady if latent_frames is None else min(latent_frames, steady), tile,
+           vae.max_vram, vae.offload_request)  # fmt: skip
+    if key not in vae.plans:  # videos of one size are common: plan each size once
+        vae.plans[key] = _plan(vae, tuple(latent_size), latent_frames, tile)
+    return vae.plans[key]
+
+
+def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile) -> Plan:
     usable = vae.max_vram * GIB * PLAN_MARGIN
     offloads = ("none", "block") if vae.offload_request == "auto" else (vae.offload_request,)
     tiles = tile_choices(vae, latent_size) if tile == "auto" else [tile]
     tried = []
     for choice in tiles:
-        traced = _traced_peak(vae, tuple(latent_size), latent_frames, choice, None)
+        traced = _traced_peak(vae, latent_size, latent_frames, choice, None)
         for offload in offloads:
             plan = Plan(offload, choice, traced + weight_bytes(vae, offload))
             if plan.peak_bytes <= usable:

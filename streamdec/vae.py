@@ -53,6 +53,7 @@ class VAE:
         self.max_vram = max_vram  # GiB of device memory a decode may peak at (streamdec.memory), or None
         # the offload mode asked for; "auto": the one max_vram's plan picks for each video
         self.offload_request = offload_request or self.offload
+        self.plans: dict = {}  # max_vram plans made so far, by frame size (streamdec.memory)
         shape = (1, -1, 1, 1, 1)
         self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
         self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)

@@ -218,6 +218,16 @@ def test_windowed_families_are_never_retiled(family_vaes):
     assert memory.tile_choices(vae, size) == [None]  # no exact tiling
 
 
+def test_plans_are_made_once_per_size(checkpoint, monkeypatch):
+    vae = with_budget(checkpoint, 64)
+    first = plan_decode(vae, SIZE, 5)
+    monkeypatch.setattr(memory, "_traced_peak", lambda *args: pytest.fail("planned twice"))
+    assert plan_decode(vae, SIZE, 9) is first  # lengths past the steady state plan the same
+    vae.max_vram = 32
+    with pytest.raises(pytest.fail.Exception):
+        plan_decode(vae, SIZE, 5)  # another budget: a new plan
+
+
 def test_switching_offload_modes_keeps_the_output(checkpoint, untiled):
     vae = streamdec.load_vae(checkpoint, device="cpu")
     for mode in ("block", "model", "none", "block"):
@@ -251,8 +261,9 @@ def test_cli_max_vram(checkpoint, tmp_path, capsys):
     torch.save(LATENTS, latents)
     out = tmp_path / "out.mp4"
     assert main(["decode", str(latents), "--vae", str(checkpoint), "-o", str(out), "--device", "cpu",
-                 "--max-vram", "0.05", "--quiet"]) == 0  # fmt: skip
+                 "--max-vram", "0.05"]) == 0  # fmt: skip
     assert out.stat().st_size > 0
+    assert "max-vram 0.05 GiB: offload none, untiled, about" in capsys.readouterr().err
     code = main(["decode", str(latents), "--vae", str(checkpoint), "-o", str(tmp_path / "no.mp4"),
                  "--device", "cpu", "--max-vram", "0.00001"])  # fmt: skip
     err = capsys.readouterr().err
