@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from decode import ROOT, build_models, machine, measured, run_in_process, save_results, summary
+from decode import ROOT, build_models, latents_for, machine, measured, run_in_process, save_results, summary
 
 STREAMDEC_MODES = ("none", "model", "block")
 DIFFUSERS_MODES = ("diffusers-none", "diffusers-model-offload", "diffusers-sequential-offload", "diffusers-group-offload")
@@ -36,7 +36,7 @@ def run(method: str, size, frames: int, device: str, dtype: str) -> dict:
     reference, _ = build_models("cpu", dtype_)  # weights rest on the host; each method moves them
     decoder_bytes = sum(p.numel() * p.element_size() for n, p in reference.named_parameters()
                         if n.startswith(("decoder.", "post_quant_conv.")))  # fmt: skip
-    z = torch.randn(1, 16, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1)).to(device)
+    z = latents_for(frames, size, device)
     if method in STREAMDEC_MODES:
         vae = streamdec.load_vae(reference, device=device, dtype=dtype_, offload=method)
         del reference

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from decode import ROOT, build_models, machine, measured, run_in_process, save_results, summary
+from decode import ROOT, build_models, latents_for, machine, measured, run_in_process, save_results, summary
 
 
 def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save: Path) -> dict:
@@ -28,7 +28,7 @@ def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save
     import streamdec
 
     reference, ours = build_models(device, streamdec.vae.resolve_dtype(dtype))
-    z = torch.randn(1, 16, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1)).to(device)
+    z = latents_for(frames, size, device)
     videos = []  # kept out of the measure's result, saved after the clock stops
 
     def work() -> dict:

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .tiling import supports_tiling
+from .tiling import parks_caches, supports_tiling
 
 GIB = 2**30
 PLAN_MARGIN = 0.9  # plan to this share of the budget; the rest is for what the trace cannot see
@@ -138,13 +138,12 @@ def _traced_peak(vae, latent_size, latent_frames, tile, park) -> int:
     from .vae import VAE
 
     if park is None:
-        park = vae.device.type != "cpu"
+        park = parks_caches(vae.device)
     with torch.device("meta"):
         decoder = vae.family_spec.build(vae.config)
     decoder = decoder.to(vae.dtype).eval().requires_grad_(False)
     meta = VAE(vae.family_spec, vae.config, decoder, torch.device("meta"), vae.dtype, vae.stored_dtype, vae.source)
-    steady = vae.family_spec.steady_latents
-    frames = steady if latent_frames is None else min(latent_frames, steady)
+    frames = _frames_to_trace(vae, latent_frames)
     trace = MemoryTrace()
     with torch.inference_mode(), trace:
         stream = StreamDecoder(meta, tile=tile)
@@ -159,6 +158,12 @@ def _traced_peak(vae, latent_size, latent_frames, tile, park) -> int:
             _hand_over(stream.decode_videos(z))
         _hand_over(stream.close_videos())
     return trace.peak
+
+
+def _frames_to_trace(vae, latent_frames: int | None) -> int:
+    """Latent frames an estimate decodes: the video's, up to the family's steady state."""
+    steady = vae.family_spec.steady_latents
+    return steady if latent_frames is None else min(latent_frames, steady)
 
 
 def _hand_over(videos) -> None:
@@ -185,9 +190,7 @@ def plan_decode(vae, latent_size: tuple[int, int], latent_frames: int | None = N
     the device before block offload (prefetched, it costs little), untiled before tiled (tiles
     recompute their halos), large tiles before small. A `tile` other than "auto" and an offload mode
     named at load are kept. Raises BudgetError naming the smallest budget that would do."""
-    steady = vae.family_spec.steady_latents
-    key = (tuple(latent_size), steady if latent_frames is None else min(latent_frames, steady), tile,
-           vae.max_vram, vae.offload_request)  # fmt: skip
+    key = (tuple(latent_size), _frames_to_trace(vae, latent_frames), tile, vae.max_vram, vae.offload_request)
     if key not in vae.plans:  # videos of one size are common: plan each size once
         vae.plans[key] = _plan(vae, tuple(latent_size), latent_frames, tile)
     return vae.plans[key]

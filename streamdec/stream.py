@@ -17,7 +17,7 @@ import torch
 
 from .latents import as_latents
 from .state import StreamState
-from .tiling import HostParking, decode_tiled, parse_tile, supports_tiling
+from .tiling import HostParking, decode_tiled, parks_caches, parse_tile, supports_tiling
 from .vae import VAE
 
 
@@ -79,7 +79,7 @@ class StreamDecoder:
                 self.windows = vae.family_spec.window_stream(vae.decoder, self.tile)
             return
         self.state = StreamState()
-        if self.tile is not None and vae.device.type != "cpu":
+        if self.tile is not None and parks_caches(vae.device):
             self.parking = HostParking(vae.device)
 
     def push(self, chunk) -> list:
@@ -178,10 +178,16 @@ def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = 
     of `1 + temporal_ratio * (T - 1)` frames: numpy uint8 (H, W, 3) RGB equal to
     round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
     [-1, 1]. `tile`: see StreamDecoder. The latents are checked here, before any frame is decoded."""
+    return _checked_frames(vae, latents, normalized=normalized, as_tensor=as_tensor, tile=tile)[1]
+
+
+def _checked_frames(vae: VAE, latents, **options) -> tuple[torch.Tensor, Iterator]:
+    """The latents as (1, C, T, h, w), checked, and a generator of their frames. Everything that
+    can be refused (the latents, `tile`, an unmet max_vram) is refused here, before any frame."""
     z = as_latents(latents, vae.latent_channels)
-    stream = StreamDecoder(vae, normalized=normalized, as_tensor=as_tensor, tile=tile)
-    stream.start(z.shape[-2:], z.shape[2])  # settle tiles and the memory plan before any frame
-    return _frames(stream, z)
+    stream = StreamDecoder(vae, **options)
+    stream.start(z.shape[-2:], z.shape[2])  # settles the tiles and the memory plan
+    return z, _frames(stream, z)
 
 
 def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
@@ -237,10 +243,7 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
     from .progress import Progress
     from .sinks import FrameWriter, open_sink
 
-    z = as_latents(latents, vae.latent_channels)
-    stream = StreamDecoder(vae, normalized=normalized, tile=tile)
-    stream.start(z.shape[-2:], z.shape[2])  # refuses a bad tile or an unmet max_vram before the file exists
-    frames = _frames(stream, z)
+    z, frames = _checked_frames(vae, latents, normalized=normalized, tile=tile)  # before the file exists
     height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
     sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
                      pix_fmt=pix_fmt, options=options)  # fmt: skip

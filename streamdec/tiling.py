@@ -44,6 +44,11 @@ def tile_spans(size: int, tile: int) -> list[tuple[int, int]]:
     return [(start, min(start + tile, size)) for start in range(0, size, tile)]
 
 
+def parks_caches(device: torch.device) -> bool:
+    """Whether tiles park their caches off `device`: anywhere but the CPU, which is the host."""
+    return device.type != "cpu"
+
+
 class HostParking:
     """Where a tile's caches wait between its turns: (pinned) host memory, off the device."""
 
