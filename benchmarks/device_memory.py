@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from decode import GIB, ROOT, save_results
+from _harness import GIB, ROOT, save_results
 
 SIZES = {"480p": (60, 104), "720p": (90, 160), "1080p": (135, 240)}  # latent pixels (832x480 is Wan's 480p)
 LENGTHS = (21, 81)  # video frames
@@ -55,7 +55,7 @@ def diffusers_peak(size, frames: int, dtype: torch.dtype, tiling: bool) -> int:
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(("encoder", "quant_conv")))
     if tiling:
         model.enable_tiling()
-    trace = MemoryTrace()
+    trace = MemoryTrace(device="meta")
     with torch.no_grad(), trace:
         z = torch.empty(1, 16, (frames - 1) // 4 + 1, *size, device="meta", dtype=dtype)
         video = model.decode(z).sample

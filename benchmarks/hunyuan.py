@@ -1,4 +1,4 @@
-"""Peak memory and time against video length: streamdec's windowed HunyuanVideo stream next to
+"""Peak memory and time against video length: streamdec's replayed HunyuanVideo windows next to
 diffusers' `AutoencoderKLHunyuanVideo.decode` (default framewise decoding) on the same full-size
 random-weight decoder.
 
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from decode import ROOT, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, machine, measured, run_in_process, save_results, summary
 
 
 def build_models(device: str, dtype: torch.dtype):

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from decode import ROOT, build_models, latents_for, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, build_models, latents_for, machine, measured, run_in_process, save_results, summary
 
 STREAMDEC_MODES = ("none", "model", "block")
 DIFFUSERS_MODES = ("diffusers-none", "diffusers-model-offload", "diffusers-sequential-offload", "diffusers-group-offload")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from decode import ROOT, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, machine, measured, run_in_process, save_results, summary
 
 
 def build(family: str, device: str, dtype: torch.dtype):
@@ -48,7 +48,7 @@ def build(family: str, device: str, dtype: torch.dtype):
 
 def run(family: str, method: str, frames: int, size, device: str, dtype: str) -> dict:
     import streamdec
-    from streamdec.stream import to_uint8
+    from streamdec.frames import to_uint8
 
     vae = build(family, device, streamdec.vae.resolve_dtype(dtype))
     z = torch.randn(1, vae.latent_channels, (frames - 1) // 4 + 1, *size, generator=torch.Generator().manual_seed(1))

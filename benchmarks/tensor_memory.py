@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from decode import ROOT, machine, run_in_process, save_results, worker
+from _harness import ROOT, latents_to_mp4, machine, run_in_process, save_results
 
 LENGTHS = (17, 41, 81, 161, 321)
 
@@ -28,7 +28,7 @@ def run(method: str, frames: int, size, dtype: str) -> dict:
     from streamdec.memory import MemoryTrace
 
     trace = MemoryTrace()  # counts what the job allocates, not the weights built before it
-    result = worker(method, frames, size, "cpu", dtype, None, around=lambda: trace)
+    result = latents_to_mp4(method, frames, size, "cpu", dtype, None, around=lambda: trace)
     return {**result, "tensor_peak_bytes": trace.peak}
 
 

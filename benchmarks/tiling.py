@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from decode import ROOT, build_models, latents_for, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, build_models, latents_for, machine, measured, run_in_process, save_results, summary
 
 
 def run(method: str, tile: int, size, frames: int, device: str, dtype: str, save: Path) -> dict:

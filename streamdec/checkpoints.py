@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from . import families
-from .errors import first_line
+from .errors import StreamdecError, one_line
 from .families import LayoutError
 from .offload import MODES, attach
-from .vae import VAE, resolve_device, resolve_dtype
+from .vae import VAE, check_max_vram, resolve_device, resolve_dtype
 
 SHOW = 5  # how many offending keys an error message lists
 
@@ -33,7 +33,7 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StreamdecError):
     """A checkpoint that cannot be read or does not form a decoder; the message says why."""
 
 
@@ -93,7 +93,7 @@ def _from_safetensors(files: list[Path], description: str, config: dict | None =
                 dtypes[key] = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
                 where[key] = handle
         except Exception as err:
-            raise CheckpointError(f"cannot read {file}: not a valid .safetensors file ({first_line(err)})") from None
+            raise CheckpointError(f"cannot read {file}: not a valid .safetensors file ({one_line(err)})") from None
     return TensorSource(description, shapes, dtypes, lambda key: where[key].get_tensor(key), config)
 
 
@@ -111,7 +111,7 @@ def _from_torch_file(path: Path) -> TensorSource:
                 f"{path} holds Python objects besides tensors and is not loaded for safety (weights_only=True); "
                 "save its state_dict() instead"
             ) from None
-        raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({first_line(err)})") from None
+        raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({one_line(err)})") from None
     obj = _unwrap_training_checkpoint(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
@@ -143,7 +143,7 @@ def _from_folder(path: Path) -> TensorSource:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {config_file}: {first_line(err)}") from None
+        raise CheckpointError(f"cannot read {config_file}: {one_line(err)}") from None
     ckpts = sorted(path.glob("*.ckpt"))
     if ckpts:  # Open-Sora-Plan's VAE folders: config.json and a training checkpoint, which its loader prefers
         source = _from_torch_file(ckpts[-1])
@@ -157,7 +157,7 @@ def _from_folder(path: Path) -> TensorSource:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"cannot read {index}: {first_line(err)}") from None
+            raise CheckpointError(f"cannot read {index}: {one_line(err)}") from None
         return _from_safetensors([path / s for s in shards], str(path), config)
     if (path / "diffusion_pytorch_model.bin").is_file():
         source = _from_torch_file(path / "diffusion_pytorch_model.bin")
@@ -185,16 +185,12 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
     streamdec.offload. `max_vram`: GiB of device memory a decode may use at its peak; each video's
     decode then picks its offload mode (unless `offload` names one) and spatial tiling to stay
     under it, or refuses with the smallest budget that would do (see streamdec.memory)."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if max_vram is not None and (isinstance(max_vram, bool) or not isinstance(max_vram, (int, float))
-                                 or not 0 < max_vram < float("inf")):  # fmt: skip
-        raise ValueError(f"max_vram must be a positive number of GiB, like 20, not {max_vram!r}")
-    request = offload or ("auto" if max_vram is not None else "none")
-    if request == "auto" and max_vram is None:
-        raise ValueError("offload='auto' lets max_vram choose the mode; give max_vram (GiB) or name a mode")
-    if request not in (*MODES, "auto"):
-        raise ValueError(f"unknown offload mode {offload!r}; use one of {', '.join(MODES)}, or auto with max_vram")
-    offload = "none" if request == "auto" else request  # "auto": settled per video, once its size is known
+    device, dtype, max_vram = resolve_device(device), resolve_dtype(dtype), check_max_vram(max_vram)
+    offload = offload or ("auto" if max_vram is not None else "none")
+    if offload == "auto" and max_vram is None:
+        raise StreamdecError("offload='auto' lets max_vram choose the mode; give max_vram (GiB) or name a mode")
+    if offload not in (*MODES, "auto"):
+        raise StreamdecError(f"unknown offload mode {offload!r}; use one of {', '.join(MODES)}, or auto with max_vram")
     source = open_checkpoint(src)
     try:
         family, layout = families.detect(source.shapes)
@@ -210,9 +206,11 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
     weights = {new: source.get(old).to(device=home, dtype=dtype, copy=True) for old, new in renames.items()}
     decoder.load_state_dict(weights, strict=True, assign=True)
     decoder.eval().requires_grad_(False)
-    offloader = attach(decoder, decoder.offload_blocks(), device, offload)
+    offloader = None
+    if offload != "none":  # "auto": each stream's plan picks the mode of its chunks (outside them: none)
+        offloader = attach(decoder, decoder.offload_blocks(), device, "none" if offload == "auto" else offload)
     stored = Counter(source.dtypes[old] for old in renames).most_common(1)[0][0]
-    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader, max_vram, request)
+    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader, max_vram, offload)
 
 
 def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str, str], decoder: nn.Module) -> None:

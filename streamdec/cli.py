@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import one_line
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as err:
         if _is_broken_pipe(err):
             return _pipe_closed()
-        _say(f"error: {_one_line(err)}")
+        _say(f"error: {one_line(err)}")
         return EXIT_ERROR
 
 
@@ -213,11 +214,6 @@ def _is_broken_pipe(err: BaseException) -> bool:
     import errno
 
     return getattr(err, "errno", None) == errno.EPIPE or "Broken pipe" in str(err)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 def _say(message: str) -> None:

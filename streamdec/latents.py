@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoints import quiet_torch_load
-from .errors import first_line
+from .errors import one_line
 
 
 def as_latents(latents, channels: int, what: str = "latents") -> torch.Tensor:
@@ -72,7 +72,7 @@ def read_latents(path: str | os.PathLike, key: str | None = None) -> torch.Tenso
         else:
             tensors = quiet_torch_load(path)
     except Exception as err:  # corrupt files raise anything from pickle, zipfile, numpy or safetensors
-        raise ValueError(f"cannot read latent file {path}: {first_line(err)}") from None
+        raise ValueError(f"cannot read latent file {path}: {one_line(err)}") from None
     return _pick_tensor(tensors, key, path)
 
 

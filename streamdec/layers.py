@@ -1,8 +1,8 @@
-"""Building blocks shared by the causal video decoders.
+"""Building blocks shared by the video decoders.
 
-Tensors are (batch, channels, time, height, width) throughout. Every module whose output
-depends on earlier frames takes the StreamState as its second argument; everything else
-is a plain per-frame or per-position function.
+Tensors are (batch, channels, time, height, width) throughout. A module whose output depends on
+earlier frames takes an optional StreamState as its second argument: with one it continues the
+stream kept there, without one it decodes its input in one shot, as the references do.
 """
 
 from __future__ import annotations
@@ -14,28 +14,59 @@ from torch import nn
 from .state import StreamState
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+PADDINGS = ("zeros", "replicate")
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3-D convolution that is causal in time.
+    """A 3-D convolution that is causal in time: output frame t sees input frames t-k+1 .. t.
 
-    Output frame t sees input frames t-k+1 .. t. Before the stream starts the missing past is
-    zeros; afterwards it is the last k-1 input frames of the previous chunk, kept in the
-    StreamState. So decoding in chunks of any size equals decoding the whole sequence at once.
-    Spatial padding is symmetric zero padding, done by the convolution itself.
+    Before the stream starts the missing k-1 past frames are zeros (`time_pad="zeros"`, Wan) or
+    copies of the first frame (`"replicate"`, HunyuanVideo, Open-Sora-Plan); afterwards they are the
+    last k-1 input frames of the previous chunk, kept in the StreamState. So decoding in chunks of any
+    size equals decoding the whole sequence at once. Space is padded by `padding` on each side, with
+    zeros (done by the convolution) or by replicating the border (`spatial_pad="replicate"`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0):
-        kernel = _triple(kernel_size)
-        pad = _triple(padding)
-        super().__init__(in_channels, out_channels, kernel, padding=(0, pad[1], pad[2]))
-        # The references pad time by 2*pad in front, which for their kernels is kernel-1.
-        self.past_frames = 2 * pad[0]
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0, time_pad: str = "zeros",
+                 spatial_pad: str = "zeros"):  # fmt: skip
+        if time_pad not in PADDINGS or spatial_pad not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, not {time_pad!r} / {spatial_pad!r}")
+        kernel, pad = _triple(kernel_size), _triple(padding)
+        conv_pad = (0, pad[1], pad[2]) if spatial_pad == "zeros" else 0
+        super().__init__(in_channels, out_channels, kernel, padding=conv_pad)
+        self.past_frames = kernel[0] - 1
+        self.time_pad = time_pad
+        self.border = (pad[2], pad[2], pad[1], pad[1]) if spatial_pad == "replicate" and any(pad[1:]) else None
 
-    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
-        if self.past_frames:
-            x = state.with_history(self, x, self.past_frames)
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
+        if state is None and self.border is not None and self.time_pad == "replicate":
+            x = F.pad(x, (*self.border, self.past_frames, 0), mode="replicate")  # one copy for both pads
+        else:
+            if state is not None and self.past_frames:
+                x = state.with_history(self, x, self.past_frames, first=self.time_pad)
+            elif self.past_frames:
+                x = _pad_front(x, self.past_frames, self.time_pad)
+            if self.border is not None:
+                x = F.pad(x, self.border, mode="replicate")
         return conv3d(self, x)
+
+
+class WrappedCausalConv3d(nn.Module):
+    """A CausalConv3d kept as `.conv`, where the checkpoints store it so (HunyuanVideo, Open-Sora-Plan:
+    `conv_in.conv.weight`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.conv = CausalConv3d(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
+        return self.conv(x, state)
+
+
+def _pad_front(x: torch.Tensor, frames: int, mode: str) -> torch.Tensor:
+    if mode == "replicate":
+        return torch.cat([x[:, :, :1].expand(-1, -1, frames, -1, -1), x], dim=2)
+    return F.pad(x, (0, 0, 0, 0, frames, 0))
 
 
 def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """Device-memory estimates and the plan that keeps a decode under a budget (`max_vram`).
 
-The peak is not guessed from a formula: the decoder is run for real on the "meta" device, where
-tensors have shapes but no data, through the same StreamDecoder code a decode uses, while
-`MemoryTrace` counts the bytes of every tensor storage alive at each step. Weights are added by
-the offload mode: all of them for "none" and "model" (a chunk decodes with the whole decoder on
-the device), the two largest blocks for "block" (the running one and the prefetched next).
+The peak is not guessed from a formula: the family's stream is run for real on the "meta" device,
+where tensors have shapes but no data, through the same code a decode uses (the VAE's latent
+preparation, the stream, the uint8 conversion of each piece), while `MemoryTrace` counts the bytes
+of every tensor storage alive on the device at each step. Weights are added by the offload mode:
+all of them for "none" and "model" (a chunk decodes with the whole decoder on the device), the two
+largest blocks for "block" (the running one and the prefetched next).
 
 What the trace cannot see: convolution workspaces of cuDNN and the caching allocator's rounding
 and fragmentation. `PLAN_MARGIN` leaves room for them.
+
+This module uses the streams (streamdec.streams, through `Family.open_stream`); the streams never
+use it: a plan is a value (streamdec.plan) handed to them.
 """
 
 from __future__ import annotations
@@ -15,26 +19,35 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .tiling import parks_caches, supports_tiling
+from .errors import StreamdecError
+from .families import Tiling
+from .frames import to_uint8
+from .plan import GIB, Plan
+from .tiling import parks_caches
+from .vae import VAE
 
-GIB = 2**30
 PLAN_MARGIN = 0.9  # plan to this share of the budget; the rest is for what the trace cannot see
 TILE_CHOICES = (64, 48, 32, 24, 16, 12, 8)  # latent pixels, largest (fewest halo repeats) first
 
 
 class MemoryTrace(TorchDispatchMode):
     """Counts the bytes of tensor storages created while it is active and still alive; `peak` is
-    the most at any moment. Storages made before it started (weights) are not counted, nor those
-    it is told to `forget` (moved to the host), until they are `recount`ed."""
+    the most at any moment. Storages made before it started (weights) are not counted, and with a
+    `device`, only storages on it are (copies parked on the host are not); without one, every
+    storage but those on the meta device (a memory plan made inside the trace has no data).
 
-    def __init__(self) -> None:
+    On the meta device a copy to the host cannot be made (meta tensors have no data): it is given a
+    stand-in, a CPU tensor of the right shape over one element, which takes no memory and copies
+    back to the meta device as an ordinary tensor would."""
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
         super().__init__()
+        self.device = None if device is None else torch.device(device).type
         self.lock = threading.Lock()  # tensors may die in another thread (frames in a writer queue)
         self.users: dict[int, int] = {}  # storage -> tensors alive that use it
         self.sizes: dict[int, int] = {}  # storage -> bytes, for the counted ones
@@ -42,11 +55,15 @@ class MemoryTrace(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func.overloadpacket in _COPIES and args[0].is_meta and _target_device(args, kwargs) == "cpu":
+            dtype = kwargs.get("dtype") or next((a for a in args[1:] if isinstance(a, torch.dtype)), args[0].dtype)
+            return torch.zeros((), dtype=dtype).expand(args[0].shape)
+        out = func(*args, **kwargs)
         inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         with self.lock:
             for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and self._counts(t.device.type):
                     key = _key(t)
                     if key in inputs and key not in self.users:
                         continue  # a view of a storage made before the trace (a weight)
@@ -57,17 +74,8 @@ class MemoryTrace(TorchDispatchMode):
                     weakref.finalize(t, self._release, key)
         return out
 
-    def forget(self, tensors) -> None:
-        with self.lock:
-            for t in tensors:
-                self.now -= self.sizes.pop(_key(t), 0)
-
-    def recount(self, tensors) -> None:
-        with self.lock:
-            for t in tensors:
-                key = _key(t)
-                if key in self.users and key not in self.sizes:
-                    self._count(key, t.untyped_storage().nbytes())
+    def _counts(self, device_type: str) -> bool:
+        return device_type == self.device if self.device is not None else device_type != "meta"
 
     def _count(self, key: int, nbytes: int) -> None:
         self.sizes[key] = nbytes
@@ -86,28 +94,13 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-class TracedParking:
-    """Tile caches parked on the host, as seen by a MemoryTrace: off the device between turns."""
-
-    def __init__(self, trace: MemoryTrace):
-        self.trace = trace
-
-    def store(self, state) -> None:
-        self.trace.forget(state.tensors())
-
-    def fetch(self, state) -> None:
-        self.trace.recount(state.tensors())
+_COPIES = (torch.ops.aten.to, torch.ops.aten._to_copy)
 
 
-@dataclass(frozen=True)
-class Plan:
-    offload: str  # "none", "model" or "block"
-    tile: tuple[int, int] | None  # latent pixels, None: untiled
-    peak_bytes: int  # estimated device peak, weights included
-
-    def describe(self) -> str:
-        tiles = "untiled" if self.tile is None else f"tiles of {self.tile[0]}x{self.tile[1]} latent pixels"
-        return f"offload {self.offload}, {tiles}, about {self.peak_bytes / GIB:.2f} GiB"
+def _target_device(args, kwargs: dict) -> str | None:
+    """The device a `to` / `_to_copy` call copies to, if it names one."""
+    device = kwargs.get("device") or next((a for a in args[1:] if isinstance(a, torch.device)), None)
+    return None if device is None else torch.device(device).type
 
 
 def weight_bytes(vae, offload: str) -> int:
@@ -134,29 +127,22 @@ def estimate_peak(vae, latent_size: tuple[int, int], latent_frames: int | None =
 
 
 def _traced_peak(vae, latent_size, latent_frames, tile, park) -> int:
-    from .stream import StreamDecoder
-    from .vae import VAE
-
-    if park is None:
-        park = parks_caches(vae.device)
+    family = vae.family_spec
+    park = parks_caches(vae.device) if park is None else park
+    tile = family.effective_tile(tile)
+    # parked tiles of one shape need the same memory: decoding one of each shape gives the peak
+    plan = Plan(tile=tile, park_tiles=park, sample_tiles=park and tile is not None)
     with torch.device("meta"):
-        decoder = vae.family_spec.build(vae.config)
+        decoder = family.build(vae.config)
     decoder = decoder.to(vae.dtype).eval().requires_grad_(False)
-    meta = VAE(vae.family_spec, vae.config, decoder, torch.device("meta"), vae.dtype, vae.stored_dtype, vae.source)
-    frames = _frames_to_trace(vae, latent_frames)
-    trace = MemoryTrace()
+    meta = VAE(family, vae.config, decoder, torch.device("meta"), vae.dtype, vae.stored_dtype, vae.source)
+    trace = MemoryTrace(device="meta")
     with torch.inference_mode(), trace:
-        stream = StreamDecoder(meta, tile=tile)
-        stream.start(latent_size, frames)
-        if park and stream.tile is not None:
-            stream.parking = TracedParking(trace)
-            stream.one_tile_per_shape = True  # parked tiles of one shape need the same memory
-        else:
-            stream.parking = None
+        stream = family.open_stream(decoder, plan)
         z = torch.empty((1, vae.latent_channels, 1, *latent_size), device="meta")
-        for _ in range(frames):  # one latent frame per push, as decode_frames does
-            _hand_over(stream.decode_videos(z))
-        _hand_over(stream.close_videos())
+        for _ in range(_frames_to_trace(vae, latent_frames)):  # one latent frame per push, as decode_frames does
+            _hand_over(stream.push(meta.prepare(z, normalized=True)))
+        _hand_over(stream.close())
     return trace.peak
 
 
@@ -169,42 +155,45 @@ def _frames_to_trace(vae, latent_frames: int | None) -> int:
 def _hand_over(videos) -> None:
     """What StreamDecoder does with each decoded piece on the device: make uint8 frames of it
     (copied to the host from there) and let go of it before the next piece is decoded."""
-    from .stream import to_uint8
-
     for video in videos:
-        if video is not None:
-            to_uint8(video)
+        to_uint8(video)
         del video
 
 
 def tile_choices(vae, latent_size: tuple[int, int]) -> list:
     """The tilings a plan may pick: untiled, then exact tiles smaller than the frame, largest
-    first. Only exact tiling is ever picked: a plan must not change the output."""
-    if vae.family_spec.strategy != "causal" or not supports_tiling(vae.decoder):
-        return [None]
+    first. Only exact tiling is ever picked: a plan must not change the output (a family whose
+    reference tiles keeps its reference's tiles)."""
+    family = vae.family_spec
+    if family.tiling is not Tiling.EXACT:
+        return [family.effective_tile(None)]
     return [None] + [(t, t) for t in TILE_CHOICES if t < max(latent_size)]
 
 
-def plan_decode(vae, latent_size: tuple[int, int], latent_frames: int | None = None, tile="auto") -> Plan:
-    """The fastest settings whose estimated peak fits `vae.max_vram` (less the margin): weights on
-    the device before block offload (prefetched, it costs little), untiled before tiled (tiles
-    recompute their halos), large tiles before small. A `tile` other than "auto" and an offload mode
-    named at load are kept. Raises BudgetError naming the smallest budget that would do."""
-    key = (tuple(latent_size), _frames_to_trace(vae, latent_frames), tile, vae.max_vram, vae.offload_request)
+def plan_decode(vae, latent_size: tuple[int, int], latent_frames: int | None = None, tile="auto",
+                max_vram: float | None = None) -> Plan:  # fmt: skip
+    """The fastest settings whose estimated peak fits `max_vram` (default: the VAE's) less the
+    margin: weights on the device before block offload (prefetched, it costs little), untiled before
+    tiled (tiles recompute their halos), large tiles before small. A `tile` other than "auto" and an
+    offload mode named at load are kept. Raises BudgetError naming the smallest budget that would do."""
+    max_vram = vae.max_vram if max_vram is None else max_vram
+    latent_size = tuple(int(s) for s in latent_size)
+    key = (latent_size, _frames_to_trace(vae, latent_frames), tile, max_vram, vae.offload)
     if key not in vae.plans:  # videos of one size are common: plan each size once
-        vae.plans[key] = _plan(vae, tuple(latent_size), latent_frames, tile)
+        vae.plans[key] = _plan(vae, latent_size, latent_frames, tile, max_vram)
     return vae.plans[key]
 
 
-def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile) -> Plan:
-    usable = vae.max_vram * GIB * PLAN_MARGIN
-    offloads = ("none", "block") if vae.offload_request == "auto" else (vae.offload_request,)
-    tiles = tile_choices(vae, latent_size) if tile == "auto" else [tile]
+def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile, max_vram: float) -> Plan:
+    usable = max_vram * GIB * PLAN_MARGIN
+    offloads = ("none", "block") if vae.offload == "auto" else (vae.offload,)
+    tiles = tile_choices(vae, latent_size) if tile == "auto" else [vae.family_spec.effective_tile(tile)]
+    park = parks_caches(vae.device)
     tried = []
     for choice in tiles:
         traced = _traced_peak(vae, latent_size, latent_frames, choice, None)
         for offload in offloads:
-            plan = Plan(offload, choice, traced + weight_bytes(vae, offload))
+            plan = Plan(offload, choice, park, peak_bytes=traced + weight_bytes(vae, offload))
             if plan.peak_bytes <= usable:
                 return plan
             tried.append(plan)
@@ -213,7 +202,7 @@ def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile) ->
     ratio = vae.spatial_ratio
     needed = _round_up(best.peak_bytes / PLAN_MARGIN / GIB)
     raise BudgetError(
-        f"max_vram {vae.max_vram:g} GiB is too little to decode {w * ratio}x{h * ratio} video with the "
+        f"max_vram {max_vram:g} GiB is too little to decode {w * ratio}x{h * ratio} video with the "
         f"{vae.family_spec.title}: the smallest budget that would do is about {needed:g} GiB ({best.describe()}); "
         f"raise max_vram{_what_else(vae, tile)}"
     )
@@ -227,7 +216,7 @@ def _round_up(gib: float) -> float:
 
 def _what_else(vae, tile) -> str:
     hints = []
-    if vae.offload_request not in ("auto", "block"):
+    if vae.offload not in ("auto", "block"):
         hints.append("load with offload='block' or 'auto'")
     if tile != "auto" and len(tile_choices(vae, (2**16, 2**16))) > 1:
         hints.append("let tile='auto' choose tiles")
@@ -236,5 +225,5 @@ def _what_else(vae, tile) -> str:
     return "".join(f", or {h}" for h in hints)
 
 
-class BudgetError(ValueError):
+class BudgetError(StreamdecError):
     """No settings keep the decode under max_vram."""

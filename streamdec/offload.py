@@ -6,14 +6,20 @@ only while they are needed. Numerics are unchanged by any mode.
 - "block": each block (residual block, upsampler, mid block, head layers) is onloaded just before
   it runs and released after. On CUDA, the hook of block i starts copying the block expected next
   on a side stream, so transfers overlap compute; at most two blocks are resident at once.
+- "none", on an offloaded VAE (one loaded for `max_vram` to choose): onloaded as for "model", and
+  kept on the device after the chunk.
 
 Blocks get accelerate `ModelHook`s (`add_hook_to_module`); one `Offloader` per decoder owns the
-resting copies and decides what is resident. Released parameters hold a zero-size placeholder,
-so they take no device memory. The block that follows another is learned as the decoder runs
-(tiled decoding repeats the upsampling blocks per tile), so prefetch follows the real order.
+resting copies and decides what is resident. The mode is not a setting of the decoder: each chunk
+is decoded inside `session(mode)`, with the mode of its stream's plan, so streams with different
+plans can share one VAE. Released parameters hold a zero-size placeholder, so they take no device
+memory. The block that follows another is learned as the decoder runs (tiled decoding repeats the
+upsampling blocks per tile), so prefetch follows the real order.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
@@ -38,10 +44,13 @@ class BlockHook(ModelHook):
 
 
 class Offloader:
+    """`mode`: the mode named at load, used outside a session (a decoder called directly)."""
+
     def __init__(self, blocks: list[nn.Module], device: torch.device, mode: str):
-        if mode not in ("model", "block"):
+        if mode not in MODES:
             raise ValueError(f"unknown offload mode {mode!r}; use one of {', '.join(MODES)}")
         self.blocks, self.device, self.mode = blocks, torch.device(device), mode
+        self.session_mode: str | None = None  # the mode of the chunk being decoded
         self.cuda = self.device.type == "cuda"
         pin = self.cuda and torch.cuda.is_available()
         # The resting copy of every weight: pinned CPU memory, so copies can be asynchronous.
@@ -60,10 +69,30 @@ class Offloader:
 
     # -- called by the hooks and the stream decoder
 
+    @contextmanager
+    def session(self, mode: str):
+        """Decode one chunk with the weights offloaded as `mode` says; afterwards nothing is left
+        on the device, except with "none"."""
+        if mode not in MODES:
+            raise ValueError(f"unknown offload mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode != "none":
+            self.chunk_done()  # what a "none" chunk of another stream left resident
+        self.session_mode = mode
+        try:
+            yield
+        finally:
+            self.session_mode = None
+            if mode != "none":
+                self.chunk_done()
+
+    @property
+    def active_mode(self) -> str:
+        return self.session_mode or self.mode
+
     def before(self, block: nn.Module) -> None:
         if self.previous is not None:
             self.successor[self.previous] = block
-        if self.mode == "model":
+        if self.active_mode != "block":  # model, or none: the whole decoder
             for b in self.blocks:
                 if b not in self.resident:
                     self._onload(b)
@@ -82,7 +111,7 @@ class Offloader:
 
     def after(self, block: nn.Module) -> None:
         self.previous = block
-        if self.mode == "block":
+        if self.active_mode == "block":
             self._release(block)
 
     def chunk_done(self) -> None:
@@ -137,10 +166,9 @@ class Offloader:
         self.resident.discard(block)
 
 
-def attach(decoder: nn.Module, blocks: list[nn.Module], device, mode: str) -> Offloader | None:
-    """Attach offload hooks for `mode` to `decoder`'s `blocks`, which must hold all its weights."""
-    if mode == "none":
-        return None
+def attach(decoder: nn.Module, blocks: list[nn.Module], device, mode: str) -> Offloader:
+    """Attach offload hooks to `decoder`'s `blocks`, which must hold all its weights; `mode` is used
+    outside sessions."""
     covered = {p for b in blocks for p in _params(b)}
     missing = [n for n, p in decoder.named_parameters() if p not in covered]
     if missing:

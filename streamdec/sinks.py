@@ -18,6 +18,8 @@ from typing import BinaryIO
 import av
 import numpy as np
 
+from .errors import StreamdecError, one_line
+
 # extension -> container format
 FORMATS_BY_EXTENSION = {
     ".mp4": "mp4", ".m4v": "mp4", ".mkv": "matroska", ".webm": "webm", ".mov": "mov",
@@ -40,7 +42,7 @@ DEFAULT_CODEC = {"webm": "libsvtav1", "yuv4mpegpipe": "rawvideo"}  # else libx26
 FRAGMENTED_MP4 = "frag_keyframe+empty_moov+default_base_moof"
 
 
-class SinkError(ValueError):
+class SinkError(StreamdecError):
     """Output settings that cannot work; the message says which and what to use instead."""
 
 
@@ -260,5 +262,4 @@ def _reason(err: Exception) -> str:
         return "its folder does not exist"
     if isinstance(err, IsADirectoryError):
         return "it is a folder"
-    text = getattr(err, "strerror", None) or str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return one_line(err)

@@ -27,12 +27,6 @@ class StreamState:
         self.started: set[nn.Module] = set()
         self.ahead: dict[nn.Module, torch.Tensor] = {}
         self.tiles: dict[tuple, StreamState] = {}
-        self.frames_in = 0  # latent frames decoded so far
-        self.frames_out = 0  # video frames produced so far
-
-    @property
-    def is_first_chunk(self) -> bool:
-        return self.frames_in == 0
 
     def with_history(self, layer: nn.Module, x: torch.Tensor, frames: int, first: str = "zeros") -> torch.Tensor:
         """Prepend `layer`'s last `frames` input frames to `x` (before the stream starts: zeros, or

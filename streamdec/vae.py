@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import StreamdecError
 from .families import Family
 
 DTYPES = {
@@ -21,7 +22,7 @@ def resolve_dtype(dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ValueError(f"unsupported dtype {dtype!r}; use fp32, bf16 or fp16")
+    raise StreamdecError(f"unsupported dtype {dtype!r}; use fp32, bf16 or fp16")
 
 
 def resolve_device(device) -> torch.device:
@@ -30,18 +31,28 @@ def resolve_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise StreamdecError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but this machine has no CUDA GPU (or torch has no CUDA build)")
+        raise StreamdecError(f"device {device} asked for, but this machine has no CUDA GPU (or torch has no CUDA build)")
     return device
 
 
+def check_max_vram(max_vram) -> float | None:
+    if max_vram is not None and (isinstance(max_vram, bool) or not isinstance(max_vram, (int, float))
+                                 or not 0 < max_vram < float("inf")):  # fmt: skip
+        raise StreamdecError(f"max_vram must be a positive number of GiB, like 20, not {max_vram!r}")
+    return max_vram
+
+
 class VAE:
-    """What `load_vae` returns. `decoder(latents, state)` maps de-normalized latents to video."""
+    """What `load_vae` returns. `decoder` is the family's nn.Module; `family_spec.open_stream` runs it.
+
+    `offload` is the mode named at load: "none", "model", "block", or "auto" (weights rest on the
+    host and each stream's max_vram plan picks the mode of its chunks; see streamdec.offload)."""
 
     def __init__(self, family: Family, config, decoder: nn.Module, device: torch.device, dtype: torch.dtype,
                  stored_dtype: torch.dtype, source: str, offloader=None, max_vram: float | None = None,
-                 offload_request: str | None = None):  # fmt: skip
+                 offload: str = "none"):  # fmt: skip
         self.family_spec = family
         self.config = config
         self.decoder = decoder
@@ -50,10 +61,9 @@ class VAE:
         self.stored_dtype = stored_dtype
         self.source = source
         self.offloader = offloader  # a streamdec.offload.Offloader, or None: weights stay on the device
-        self.max_vram = max_vram  # GiB of device memory a decode may peak at (streamdec.memory), or None
-        # the offload mode asked for; "auto": the one max_vram's plan picks for each video
-        self.offload_request = offload_request or self.offload
-        self.plans: dict = {}  # max_vram plans made so far, by frame size (streamdec.memory)
+        self.max_vram = check_max_vram(max_vram)  # GiB a decode may peak at (streamdec.memory), or None
+        self.offload = offload
+        self.plans: dict = {}  # a cache of the max_vram plans made so far (streamdec.memory)
         shape = (1, -1, 1, 1, 1)
         self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
         self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)
@@ -74,14 +84,12 @@ class VAE:
     def spatial_ratio(self) -> int:
         return self.family_spec.spatial_ratio
 
-    @property
-    def offload(self) -> str:
-        return "none" if self.offloader is None else self.offloader.mode
-
     def set_offload(self, mode: str) -> None:
-        """Switch the offload mode (a max_vram plan does, per video); the output is the same."""
-        from .offload import attach
+        """Load the weights for another offload mode ("none", "model" or "block"); the output is the same."""
+        from .offload import MODES, attach
 
+        if mode not in MODES:
+            raise StreamdecError(f"unknown offload mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == self.offload:
             return
         if self.offloader is not None:
@@ -91,6 +99,7 @@ class VAE:
             self.decoder.to(self.device)
         else:
             self.offloader = attach(self.decoder, self.decoder.offload_blocks(), self.device, mode)
+        self.offload = mode
 
     def num_parameters(self) -> int:
         offloader = self.offloader
@@ -105,6 +114,13 @@ class VAE:
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Latents as the diffusion model makes them -> latents as the decoder takes them."""
         return z.float() * self.latents_std + self.latents_mean
+
+    def prepare(self, z: torch.Tensor, normalized: bool) -> torch.Tensor:
+        """Checked latents -> latents as the decoder takes them: on its device, de-normalized (if
+        `normalized`), in its dtype. Memory estimates run this too, so they count what it allocates."""
+        z = z.to(self.device, non_blocking=True)
+        z = self.denormalize(z) if normalized else z.float()
+        return z.to(self.dtype)
 
     def __repr__(self) -> str:
         return (f"VAE(family={self.family!r}, latent_channels={self.latent_channels}, device={self.device}, "

@@ -14,7 +14,8 @@ from streamdec import checkpoints as ckpt
 from streamdec.checkpoints import CheckpointError
 from streamdec.families import detect
 from streamdec.families.wan import WanConfig, WanDecoder, diffusers_to_official, official_to_diffusers
-from conftest import official_state_dict
+
+from helpers.wan import official_state_dict
 
 KEYS_FILE = Path(__file__).parent / "data" / "wan21_keys.txt"  # the released Wan2.1_VAE.pth
 

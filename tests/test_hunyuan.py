@@ -18,26 +18,13 @@ import streamdec
 from streamdec.checkpoints import CheckpointError
 from streamdec.cli import main
 from streamdec.families.hunyuan import HunyuanConfig, HunyuanDecoder
-from streamdec.windowed import WindowedStream
-from conftest import stream_video
-from test_wan_equality import assert_equal_video
+from streamdec.streams import Windows
+
+from helpers.hunyuan import random_hunyuan
+from helpers.video import assert_equal_video, stream_video
 
 SHAPE = (16, 14, 3, 5)  # (C, T, h, w): 14 latent frames = 5 windows of the reference's schedule
 SCALING = 0.476986
-
-
-def random_hunyuan(seed: int = 0, layers_per_block: int = 1) -> AutoencoderKLHunyuanVideo:
-    """A small diffusers HunyuanVideo VAE (widths 32..64, the released 32 norm groups) with random
-    weights, norm gains and biases."""
-    torch.manual_seed(seed)
-    model = AutoencoderKLHunyuanVideo(block_out_channels=(32, 32, 64, 64), layers_per_block=layers_per_block).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
 
 
 def reference(model, z: torch.Tensor, framewise: bool = True, tiling: dict | None = None) -> torch.Tensor:
@@ -155,7 +142,7 @@ def test_frames_come_out_as_windows_complete(vae, latents, framewise):
     counts = []
     for t in range(SHAPE[1]):
         counts.append(len(stream.push(latents[:, t : t + 1])))
-        assert stream.windows.pending.shape[2] <= 5
+        assert stream.stream.pending.shape[2] <= 5
     rest = stream.close()
     # windows of latents 0-4, 3-7, 6-10, 9-13 complete at latents 4, 7, 10, 13: 13 frames, then 12
     assert counts == [0, 0, 0, 0, 13, 0, 0, 12, 0, 0, 12, 0, 0, 12]
@@ -225,6 +212,6 @@ def test_wrong_number_of_up_blocks(model, tmp_path):
 
 
 @pytest.mark.parametrize("stride", [0, 5])
-def test_window_stride_must_fit_the_window(vae, stride):
-    with pytest.raises(ValueError, match=rf"window_stride must be in 1..window \(4\), not {stride}"):
-        WindowedStream(vae.decoder, 4, 8, window=4, window_stride=stride)
+def test_window_stride_must_fit_the_window(stride):
+    with pytest.raises(ValueError, match=rf"window stride must be in 1\.\.4 for windows of 5 latents .*, not {stride}"):
+        Windows(latents=5, stride=stride, blend=0)

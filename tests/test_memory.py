@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
 import streamdec
 from streamdec import memory
 from streamdec.cli import main
+from streamdec.frames import to_uint8
 from streamdec.memory import GIB, PLAN_MARGIN, BudgetError, MemoryTrace, estimate_peak, plan_decode
-from streamdec.stream import StreamDecoder, to_uint8
-from conftest import official_state_dict, random_wan, stream_video
-from test_hunyuan import random_hunyuan
-from test_opensora_plan import save_layouts
+from streamdec.plan import Plan
+from streamdec.stream import StreamDecoder
+from streamdec.vae import VAE
+
+from helpers.hunyuan import random_hunyuan
+from helpers.osp import save_layouts
+from helpers.video import stream_video
+from helpers.wan import official_state_dict, random_wan
 
 LATENTS = torch.randn(16, 4, 14, 18, generator=torch.Generator().manual_seed(41))
 SIZE = tuple(LATENTS.shape[-2:])
@@ -117,14 +123,17 @@ def test_parked_tile_caches_leave_the_device(wan):
 def test_one_tile_per_shape_traces_the_same_peak(wan):
     # Parked tiles of one shape use the same memory, so the estimate traces one of each.
     size = (22, 26)
-    trace = MemoryTrace()
-    with trace:
-        stream = StreamDecoder(wan, tile=(5, 5))
-        stream.start(size)
-        stream.parking = memory.TracedParking(trace)  # every tile decoded, caches parked
+    trace = MemoryTrace(device="meta")
+    with torch.device("meta"):
+        decoder = wan.family_spec.build(wan.config)
+    meta = VAE(wan.family_spec, wan.config, decoder, torch.device("meta"), wan.dtype, wan.stored_dtype, "meta")
+    with torch.inference_mode(), trace:  # every tile decoded, caches parked
+        stream = wan.family_spec.open_stream(decoder, Plan(tile=(5, 5), park_tiles=True))
+        z = torch.zeros(1, 16, 1, *size, device="meta")  # alive through each push, as a pushed chunk is
         for _ in range(3):
-            hand_over(stream.decode_videos(torch.zeros(1, 16, 1, *size)))
+            hand_over(stream.push(meta.prepare(z, normalized=True)))
     assert len(stream.state.tiles) == 30
+    assert all(t.device.type == "cpu" for child in stream.state.tiles.values() for t in child.tensors())  # parked
     assert trace.peak == estimate_peak(wan, size, 3, tile=(5, 5), park=True) - memory.weight_bytes(wan, "none")
 
 
@@ -150,7 +159,7 @@ def test_a_roomy_budget_changes_nothing(checkpoint, untiled):
     vae = with_budget(checkpoint, 64)
     stream = StreamDecoder(vae)
     stream.start(SIZE)
-    assert (stream.plan.offload, stream.plan.tile) == ("none", None) and vae.offload == "none"
+    assert (stream.plan.offload, stream.plan.tile) == ("none", None) and vae.offload == "auto"  # the VAE as loaded
     assert torch.equal(stream_video(vae, LATENTS, [4]), untiled)
 
 
@@ -161,7 +170,7 @@ def test_block_offload_before_tiles(checkpoint, wan, untiled):
     plan = plan_decode(vae, SIZE)
     assert (plan.offload, plan.tile, plan.peak_bytes) == ("block", None, block)
     assert torch.equal(stream_video(vae, LATENTS, [1, 3]), untiled)
-    assert vae.offload == "block"
+    assert 0 < vae.offloader.peak_resident_bytes <= memory.weight_bytes(vae, "block")  # decoded block by block
 
 
 def test_tiles_when_offload_is_not_enough(checkpoint, wan):
@@ -199,6 +208,38 @@ def test_an_unmet_budget_names_the_smallest_that_would_do(checkpoint):
     plan_decode(with_budget(checkpoint, needed), SIZE)  # enough, as promised
 
 
+def test_two_streams_with_their_own_plans_share_one_vae(checkpoint, wan):
+    """A plan belongs to its stream: two streams of different frame sizes and budgets on one VAE,
+    their pushes interleaved, each decode what it decodes alone and each stays within its own budget."""
+    large = (40, 48)
+    latents = torch.randn(16, 4, *large, generator=torch.Generator().manual_seed(46))
+    tiled = estimate_peak(wan, large, offload="block", tile=(32, 32))
+    too_much = min(estimate_peak(wan, large, offload="block"), estimate_peak(wan, large, offload="none", tile=(32, 32)))
+    vae = with_budget(checkpoint, 64)
+    streams = {"small": StreamDecoder(vae), "large": StreamDecoder(vae, max_vram=budget_between(tiled, too_much))}
+    inputs = {"small": LATENTS, "large": latents}
+    traces = {name: MemoryTrace() for name in streams}  # each counts its own stream's tensors
+    resident = {name: 0 for name in streams}
+    frames = {name: [] for name in streams}
+    for t in range(4):
+        for name, stream in streams.items():
+            vae.offloader.peak_resident_bytes = 0
+            with traces[name]:  # the frames are copied out, so the trace holds no frame the test keeps
+                frames[name] += [f.copy() for f in stream.push(inputs[name][:, t : t + 1])]
+            resident[name] = max(resident[name], vae.offloader.peak_resident_bytes)
+    for name, stream in streams.items():
+        with traces[name]:
+            assert stream.close() == []
+    small, large_plan = streams["small"].plan, streams["large"].plan
+    assert (small.offload, small.tile) == ("none", None) and (large_plan.offload, large_plan.tile) == ("block", (32, 32))
+    assert vae.offload == "auto" and vae.max_vram == 64  # the VAE itself is as loaded
+    alone = {"small": streamdec.decode_frames(wan, LATENTS), "large": streamdec.decode_frames(wan, latents, tile=32)}
+    for name, stream in streams.items():
+        assert all(np.array_equal(a, b) for a, b in zip(frames[name], alone[name], strict=True))
+        assert resident[name] <= memory.weight_bytes(vae, stream.plan.offload)
+        assert traces[name].peak + resident[name] <= stream.plan.peak_bytes <= stream.max_vram * GIB * PLAN_MARGIN
+
+
 def test_a_named_offload_mode_is_kept(checkpoint, wan):
     none = estimate_peak(wan, SIZE, offload="none")
     vae = with_budget(checkpoint, 2 * none / PLAN_MARGIN / GIB, offload="model")
@@ -216,7 +257,7 @@ def test_a_named_tile_is_kept(checkpoint, wan):
 
 def test_windowed_families_are_never_retiled(family_vaes):
     vae, size = family_vaes["causalvae"]
-    assert memory.tile_choices(vae, size) == [None]  # its reference's tiles are part of its output
+    assert memory.tile_choices(vae, size) == [(64, 64)]  # its reference's own tiles: part of its output
     vae, size = family_vaes["wfvae"]
     assert memory.tile_choices(vae, size) == [None]  # no exact tiling
 
@@ -279,10 +320,7 @@ def test_cli_max_vram(checkpoint, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- on a GPU
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
+@pytest.mark.cuda
 def test_cuda_peak_stays_under_max_vram(checkpoint, wan):
     size = (60, 80)
     latents = torch.randn(16, 5, *size, generator=torch.Generator().manual_seed(44))
@@ -299,11 +337,12 @@ def test_cuda_peak_stays_under_max_vram(checkpoint, wan):
         del vae
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_tile_caches_wait_on_the_host(checkpoint):
     vae = streamdec.load_vae(checkpoint, device="cuda")
     stream = StreamDecoder(vae, tile=6)
     stream.push(LATENTS[:, :2])
-    caches = [t for child in stream.state.tiles.values() for t in child.tensors()]
+    state = stream.stream.state
+    caches = [t for child in state.tiles.values() for t in child.tensors()]
     assert caches and all(t.device.type == "cpu" and t.is_pinned() for t in caches)
-    assert all(t.device.type == "cuda" for t in stream.state.history.values())
+    assert all(t.device.type == "cuda" for t in state.history.values())

@@ -9,7 +9,8 @@ from accelerate.hooks import ModelHook
 
 import streamdec
 from streamdec.offload import Offloader
-from conftest import stream_video
+
+from helpers.video import stream_video
 
 MODES = ["none", "model", "block"]
 LATENTS = torch.randn(16, 4, 14, 18, generator=torch.Generator().manual_seed(21))
@@ -108,11 +109,7 @@ def test_offloader_refuses_blocks_that_miss_weights(checkpoint):
         streamdec.offload.attach(vae.decoder, vae.decoder.offload_blocks()[1:], "cpu", "block")
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("mode", ["model", "block"])
 def test_cuda_modes_equal_none_and_prefetch_on_a_side_stream(checkpoint, mode):
     reference = decode(streamdec.load_vae(checkpoint, device="cuda"), [1, 3], tile=6)

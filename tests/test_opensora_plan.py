@@ -24,53 +24,12 @@ from safetensors.torch import save_file
 import streamdec
 from streamdec.checkpoints import CheckpointError
 from streamdec.cli import main
+from streamdec.families import Strategy
+from streamdec.plan import Plan
 from streamdec.state import StreamState
-from conftest import stream_video
-from osp_weights import DATA, read_keys, seeded_weights
-from test_wan_equality import assert_equal_video
 
-SEEDS = {"wfvae": 1, "causalvae_v12": 2, "causalvae_v11": 3}
-TOL = 1e-4
-
-
-def reference(name: str) -> dict:
-    return torch.load(DATA / f"{name}.pt", weights_only=True)
-
-
-def official_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The whole model's tensors (encoder and fixed wavelet kernels too), as the official code has them."""
-    ref = reference(name)
-    return {**seeded_weights(read_keys(name), SEEDS[name]), **ref.get("constants", {})}
-
-
-def config_json(name: str) -> dict:
-    cls = "WFVAEModel" if name == "wfvae" else "CausalVAEModel"
-    return {"_class_name": cls, **reference(name)["config"]}
-
-
-def save_layouts(name: str, root) -> dict:
-    """The layouts the models were released in: a folder with config.json and diffusers
-    safetensors (WF-VAE on the hub), a folder with config.json and a training .ckpt holding an EMA
-    copy under "module." (Open-Sora-Plan's loader takes the EMA), and bare weight files."""
-    state = official_state_dict(name)
-    paths = {}
-    folder = root / f"{name}_folder"
-    folder.mkdir()
-    save_file(state, folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config_json(name)))
-    paths["folder"] = folder
-    ckpt_folder = root / f"{name}_ckpt_folder"
-    ckpt_folder.mkdir()
-    ema = {f"module.{k}": v for k, v in state.items()}
-    stale = {k: torch.zeros_like(v) for k, v in state.items()}  # the non-EMA weights, to be passed over
-    torch.save({"ema_state_dict": ema, "state_dict": {"gen_model": stale}}, ckpt_folder / "model.ckpt")
-    (ckpt_folder / "config.json").write_text(json.dumps(config_json(name)))
-    paths["ckpt_folder"] = ckpt_folder
-    torch.save({"state_dict": {"gen_model": state}}, root / f"{name}.ckpt")
-    paths["ckpt"] = root / f"{name}.ckpt"
-    save_file(state, root / f"{name}.safetensors")
-    paths["safetensors"] = root / f"{name}.safetensors"
-    return paths
+from helpers.osp import SEEDS, config_json, official_state_dict, reference, save_layouts
+from helpers.video import TOL, assert_equal_video, stream_video
 
 
 def assert_matches_reference(video: torch.Tensor, ref: dict) -> None:
@@ -204,7 +163,7 @@ def test_wfvae_missing_tensor_is_named(tmp_path):
 
 
 def causal_stream(vae, z: torch.Tensor, chunks, tile) -> torch.Tensor:
-    stream = vae.family_spec.window_stream(vae.decoder, tile)
+    stream = vae.family_spec.open_stream(vae.decoder, Plan(tile=tile))
     pieces, start = [], 0
     with torch.no_grad():
         for n in chunks:
@@ -218,7 +177,7 @@ def causal_stream(vae, z: torch.Tensor, chunks, tile) -> torch.Tensor:
 @pytest.mark.parametrize("path", ["folder", "ckpt_folder", "ckpt", "safetensors"])
 def test_causalvae_every_load_path_equals_official_tiled_decode(layouts, name, path):
     vae = streamdec.load_vae(layouts[name][path], device="cpu")
-    assert vae.family == "causalvae" and vae.family_spec.strategy == "windowed"
+    assert vae.family == "causalvae" and vae.family_spec.strategy is Strategy.REPLAY
     ref = reference(name)
     tile = (ref["tiling"]["tile"],) * 2
     video = causal_stream(vae, vae.denormalize(ref["latents"]), [1] * ref["latents"].shape[2], tile)
@@ -246,9 +205,9 @@ def window_reference(vae, z: torch.Tensor, tile=None) -> torch.Tensor:
     spans = [[s, min(s + 6, t)] for s in starts[:-1]] or [[0, t]]
     if spans[-1][1] < t:
         spans.append([starts[-1], t])
-    stream = vae.family_spec.window_stream(vae.decoder, tile)
-    with torch.no_grad():
-        pieces = [stream._decode_window(z[:, :, a:b]) for a, b in spans]
+    stream = vae.family_spec.open_stream(vae.decoder, Plan(tile=tile))
+    with torch.no_grad():  # each window as the stream decodes it; later ones without their 5 context frames
+        pieces = [stream._decode(z[:, :, a:b])[:, :, 5 if a else 0 :] for a, b in spans]
     return torch.cat(pieces, dim=2)
 
 
@@ -285,8 +244,8 @@ def test_causalvae_offload_gives_identical_output(layouts, causalvae, mode):
 
 
 def test_causalvae_default_tile_is_the_reference_512_pixels(causalvae):
-    stream = causalvae.family_spec.window_stream(causalvae.decoder, None)
-    assert stream.tile == (64, 64) and stream.tile_stride == (56, 56)
+    stream = causalvae.family_spec.open_stream(causalvae.decoder, Plan())
+    assert stream.tiles.tile == (64, 64) and stream.tiles.stride == (56, 56)
 
 
 def test_causalvae_tile_must_fit_the_overlap(causalvae):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import streamdec
-from conftest import LATENT_SHAPE
+
+from helpers.wan import LATENT_SHAPE
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_push_returns_frames_as_they_become_final(vae, latents):
     decoder = streamdec.StreamDecoder(vae)
     counts = [len(decoder.push(latents[:, t : t + 1])) for t in range(LATENT_SHAPE[1])]
     assert counts == [1, 4, 4, 4, 4]
-    assert decoder.state.frames_in == 5 and decoder.state.frames_out == 17
+    assert decoder.frames_in == 5 and decoder.frames_out == 17
 
 
 def test_generator_keeps_no_frame_it_has_yielded(vae, latents):
@@ -89,6 +90,6 @@ def test_state_is_fixed_size(vae):
     sizes = []
     for _ in range(6):
         decoder.push(torch.randn(16, 1, 5, 7))
-        sizes.append(decoder.state.nbytes())
+        sizes.append(decoder.stream.state.nbytes())
     assert len(set(sizes[1:])) == 1  # the first step holds one frame of history where later hold two
     assert sizes[0] < sizes[1]

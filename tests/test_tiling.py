@@ -9,8 +9,9 @@ import torch
 import streamdec
 from streamdec.families.wan import WanConfig, up_path_halo
 from streamdec.tiling import tile_spans
-from conftest import denormalize, official_state_dict, random_wan, reference_decode, stream_video
-from test_wan_equality import assert_equal_video
+
+from helpers.video import assert_equal_video, stream_video
+from helpers.wan import denormalize, official_state_dict, random_wan, reference_decode
 
 # One residual block per stage (halo 5) keeps the many-tile cases fast; the frame is large
 # enough against the halo that inner tiles really are cut out of it. One case below runs the
@@ -77,8 +78,9 @@ def test_released_block_counts(latents):
 def test_each_tile_keeps_its_own_caches(vae, latents):
     decoder = streamdec.StreamDecoder(vae, tile=8)
     decoder.push(latents[:, :1])
-    assert len(decoder.state.tiles) == len(tile_spans(14, 8)) * len(tile_spans(18, 8)) == 6
-    assert decoder.state.history  # the global part's caches stay in the parent
+    state = decoder.stream.state
+    assert len(state.tiles) == len(tile_spans(14, 8)) * len(tile_spans(18, 8)) == 6
+    assert state.history  # the global part's caches stay in the parent
 
 
 def test_decode_frames_and_file_take_tile(vae, latents, untiled, tmp_path):

@@ -17,9 +17,19 @@ from hypothesis import strategies as st
 import streamdec
 from streamdec.checkpoints import CheckpointError
 from streamdec.families.wan import WAN22, WanDecoder, config_from_shapes, diffusers_to_official, official_to_diffusers
-from conftest import DATA, WAN22_STATS, denormalize, official_state_dict, random_wan, reference_decode, save_layouts
-from conftest import stream_video, wan22_config
-from test_wan_equality import LOAD_PATHS, assert_equal_video
+
+from helpers.video import assert_equal_video, stream_video
+from helpers.wan import (
+    DATA,
+    LOAD_PATHS,
+    WAN22_STATS,
+    denormalize,
+    official_state_dict,
+    random_wan,
+    reference_decode,
+    save_layouts,
+    wan22_config,
+)
 
 SHAPE = (48, 5, 3, 5)  # (C, T, h, w) -> 17 frames of 48x80
 

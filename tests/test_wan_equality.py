@@ -11,16 +11,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import streamdec
-from conftest import LATENT_SHAPE, denormalize, official_state_dict, random_wan, reference_decode, stream_video
 
-TOL = 1e-4
-LOAD_PATHS = ["official-pth", "official-safetensors", "diffusers-folder", "diffusers-pipeline", "live-object"]
-
-
-def assert_equal_video(ours: torch.Tensor, reference: torch.Tensor):
-    assert ours.shape == reference.shape
-    err = (ours - reference).abs().max().item()
-    assert err <= TOL, f"max abs error {err:.3g} > {TOL}"
+from helpers.video import assert_equal_video, stream_video
+from helpers.wan import LATENT_SHAPE, LOAD_PATHS, denormalize, official_state_dict, random_wan, reference_decode
 
 
 def test_reference_output_is_not_saturated(reference_video):
@@ -113,7 +106,6 @@ def test_other_widths_and_block_counts(latents, tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_equals_diffusers(checkpoints, latents, reference_video):
     vae = streamdec.load_vae(checkpoints["official-pth"], device="cuda")
     frames = list(streamdec.decode_frames(vae, latents.cuda(), as_tensor=True))

@@ -1,29 +1,55 @@
-"""VAE families and their detection from checkpoint keys.
+"""VAE families: the contract a family implements, and the registry that finds one from checkpoint keys.
 
-A Family knows one decoder architecture: how to recognise its checkpoints (and in which key
-layout they are written), how to rename their tensors to the module names of its decoder,
-how to read its sizes off the tensors, and how many video frames a chunk of latents gives.
+A family is one decoder architecture. It knows how to recognise its checkpoints (and in which key
+layout they are written), how to rename their tensors to its decoder's parameter names, how to read
+its sizes off the tensors, how to build the decoder, and how to run it as a stream (`open_stream`).
+Every module in this package is imported by the registry; a class decorated with `@register` is a
+family. Adding one is one file here (see docs/architecture.md, "Adding a family").
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import ClassVar
+
 from torch import nn
 
+from ..errors import StreamdecError
+from ..plan import Plan
 
-class LayoutError(ValueError):
+
+class LayoutError(StreamdecError):
     """The tensors do not form a decoder streamdec knows."""
 
 
-class Family:
-    name: str  # public id, e.g. "wan2.1"
-    title: str  # for messages, e.g. "Wan 2.1 VAE"
-    temporal_ratio: int
-    spatial_ratio: int
-    diffusers_class: str  # the diffusers model class of this family
-    # "causal": the decoder carries its state in a StreamState, any chunking is exact;
-    # "windowed": it decodes whole windows of latents, on the reference's overlapping schedule.
-    strategy = "causal"
-    lookahead = 0  # latent frames a causal stream waits for before a latent frame's video is final
+class Strategy(Enum):
+    """How a family's decoder is streamed (streamdec.streams)."""
+
+    CARRIED = "carried state"  # CarriedStream: any chunking equals a one-shot decode
+    REPLAY = "schedule replay"  # ScheduleReplayStream: the reference's windows, replayed
+
+
+class Tiling(Enum):
+    """What `tile=` means for a family."""
+
+    NONE = "none"  # no spatial tiling
+    EXACT = "exact"  # tiles equal to the untiled decode: memory plans may choose them
+    REFERENCE = "reference"  # the reference's blended tiles: they change the output, so only the caller chooses them
+
+
+class Family(ABC):
+    name: ClassVar[str]  # public id, e.g. "wan2.1"
+    title: ClassVar[str]  # for messages, e.g. "Wan 2.1 VAE"
+    temporal_ratio: ClassVar[int]
+    spatial_ratio: ClassVar[int]
+    diffusers_class: ClassVar[str]  # the diffusers (or reference) model class of this family
+    strategy: ClassVar[Strategy]
+    tiling: ClassVar[Tiling] = Tiling.NONE
+    default_tile: ClassVar[tuple[int, int] | None] = None  # the reference's own tiles, where it always tiles
+    lookahead: ClassVar[int] = 0  # latent frames a carried stream waits for before a latent frame's video is final
 
     @property
     def steady_latents(self) -> int:
@@ -32,33 +58,45 @@ class Family:
         one in steady state, after any lookahead."""
         return 3 + self.lookahead
 
-    def detect_layout(self, keys) -> str | None:
-        """The key layout ("official", "diffusers", ...) if these keys are this family's."""
-        raise NotImplementedError
+    # -- checkpoints
 
+    @abstractmethod
+    def detect_layout(self, keys) -> str | None:
+        """The key layout ("official", "diffusers", ...) if these keys are this family's, else None."""
+
+    @abstractmethod
     def rename_map(self, keys, layout: str) -> dict[str, str]:
         """checkpoint key -> decoder parameter name, for the decoder tensors among `keys`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def source_name_map(self, layout: str, internal_keys) -> dict[str, str]:
         """decoder parameter name -> checkpoint key, to name missing tensors as the file would."""
-        raise NotImplementedError
 
+    @abstractmethod
     def is_unused_key(self, key: str) -> bool:
         """A checkpoint tensor the decoder does not read (the encoder's, or a stored constant)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def config(self, shapes: dict[str, tuple[int, ...]], diffusers_config: dict | None):
-        raise NotImplementedError
+        """The decoder's hyper-parameters, read off the (renamed) tensor shapes and config.json.
+        Its `z_dim`, `latents_mean` and `latents_std` are the latents' channels and statistics."""
 
+    # -- decoding
+
+    @abstractmethod
     def build(self, config) -> nn.Module:
-        """The decoder: module(latents, state) -> video in [-1, 1], unclamped (module(latents) for
-        a windowed family)."""
-        raise NotImplementedError
+        """The decoder, with `offload_blocks()`: the modules holding all its weights, in the order they run."""
 
-    def window_stream(self, decoder: nn.Module, tile):
-        """A windowed family's stream: its reference's window schedule around `decoder`."""
-        raise NotImplementedError
+    @abstractmethod
+    def open_stream(self, decoder: nn.Module, plan: Plan):
+        """A stream (streamdec.streams) that runs `decoder` as `plan` says."""
+
+    def effective_tile(self, tile: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The tiles a stream will use for `tile=` (latent pixels, or None); raises StreamdecError
+        for tiles this family cannot take."""
+        if tile is not None and self.tiling is Tiling.NONE:
+            raise StreamdecError(f"the {self.title} decoder cannot be tiled exactly; use tile=None")
+        return tile if tile is not None else self.default_tile
 
     def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
         """Video frames from this many latent frames: temporal_ratio each, but the stream's first
@@ -66,31 +104,41 @@ class Family:
         return self.temporal_ratio * latent_frames - (self.temporal_ratio - 1 if first_chunk else 0)
 
 
-def _families() -> list[Family]:
-    from .hunyuan import HunyuanVideo
-    from .opensora_plan import CausalVAE
-    from .wan import Wan21, Wan22
-    from .wfvae import WFVAE
+_REGISTRY: dict[str, Family] = {}
 
-    return [Wan21(), Wan22(), HunyuanVideo(), WFVAE(), CausalVAE()]
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: make `cls` a family streamdec detects and loads."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"two families are named {cls.name!r}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def all_families() -> list[Family]:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return list(_REGISTRY.values())
 
 
 def detect(keys) -> tuple[Family, str]:
     """The family and key layout of a checkpoint, from its tensor names."""
     keys = set(keys)
-    for family in _families():
-        layout = family.detect_layout(keys)
-        if layout is not None:
-            return family, layout
+    found = [(family, layout) for family in all_families() if (layout := family.detect_layout(keys)) is not None]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = " and ".join(f.title for f, _ in found)
+        raise LayoutError(f"the tensors fit both the {names}, which streamdec cannot tell apart (a bug: please report it)")
     sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
     raise LayoutError(
         f"not a VAE checkpoint streamdec knows (it holds {len(keys)} tensors, e.g. {sample}); "
-        f"supported: {', '.join(f.title for f in _families())}"
+        f"supported: {', '.join(f.title for f in all_families())}"
     )
 
 
 def by_name(name: str) -> Family:
-    for family in _families():
+    for family in all_families():
         if family.name == name:
             return family
-    raise LayoutError(f"unknown VAE family {name!r}; known: {', '.join(f.name for f in _families())}")
+    raise LayoutError(f"unknown VAE family {name!r}; known: {', '.join(f.name for f in all_families())}")

@@ -1,11 +1,12 @@
 """HunyuanVideo VAE decoder (HunyuanVideo, Open-Sora 2.0, FramePack).
 
-Streaming strategy: windowed. The decoder normalizes with GroupNorm over the whole time axis of
-its input and its mid-block attention spans every frame, so a chunk's output depends on the
-frames after it and no carried state reproduces a one-shot decode. The reference decodes
-overlapping temporal windows instead and blends them (diffusers' default framewise decoding);
-`streamdec.windowed` runs that schedule as the latents arrive. The decoder here is one window's
-one-shot decode.
+Streaming strategy: schedule replay. The decoder normalizes with GroupNorm over the whole time
+axis of its input and its mid-block attention spans every frame, so a chunk's output depends on
+the frames after it and no carried state reproduces a one-shot decode. The reference decodes
+overlapping temporal windows instead and blends them (diffusers' default framewise decoding:
+windows of 5 latents every 3, the frames of the 4th and 5th faded into the next window);
+`streamdec.streams.replay` runs that schedule as the latents arrive. The decoder here is one
+window's one-shot decode. Spatial tiles are the reference's blended ones (`enable_tiling()`).
 
 Shape of the decoder (released sizes, latent h x w, 16 channels in, RGB out):
 
@@ -24,15 +25,18 @@ and Open-Sora 2.0 checkpoints also use.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Conv3d
-from . import Family, LayoutError
+from ..keys import count_indexed
+from ..layers import Conv3d, WrappedCausalConv3d
+from ..plan import Plan
+from ..streams import ScheduleReplayStream, Windows
+from ..tiling import BlendedTiles
+from . import Family, LayoutError, Strategy, Tiling, register
 
 SCALING_FACTOR = 0.476986  # diffusion latents = VAE latents * this (no shift)
 
@@ -72,29 +76,20 @@ class HunyuanConfig:
         return blocks
 
 
-class CausalConv(nn.Module):
-    """A 3-D convolution padded in time by repeating the first frame (k-1 copies in front) and in
-    space by replicating the border, as the references do. `conv` is the nn.Conv3d."""
-
-    def __init__(self, cin: int, cout: int, kernel: int):
-        super().__init__()
-        self.conv = Conv3d(cin, cout, kernel)
-        self.pad = (kernel // 2, kernel // 2, kernel // 2, kernel // 2, kernel - 1, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(self.pad):
-            x = F.pad(x, self.pad, mode="replicate")
-        return self.conv(x)
+def causal_conv(cin: int, cout: int, kernel: int) -> WrappedCausalConv3d:
+    """A causal conv padded in time by repeating the first frame and in space by replicating the
+    border, as the references do."""
+    return WrappedCausalConv3d(cin, cout, kernel, padding=kernel // 2, time_pad="replicate", spatial_pad="replicate")
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
-        self.conv1 = CausalConv(cin, cout, 3)
+        self.conv1 = causal_conv(cin, cout, 3)
         self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
-        self.conv2 = CausalConv(cout, cout, 3)
-        self.conv_shortcut = CausalConv(cin, cout, 1) if cin != cout else None
+        self.conv2 = causal_conv(cout, cout, 3)
+        self.conv_shortcut = causal_conv(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -147,7 +142,7 @@ class Upsample(nn.Module):
     def __init__(self, dim: int, factor: tuple[int, int, int]):
         super().__init__()
         self.factor = factor
-        self.conv = CausalConv(dim, dim, 3)
+        self.conv = causal_conv(dim, dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = F.interpolate(x[:, :, 0], scale_factor=self.factor[1:], mode="nearest").unsqueeze(2)
@@ -177,18 +172,18 @@ class Decoder3d(nn.Module):
         super().__init__()
         groups = config.norm_num_groups
         blocks = config.block_channels()
-        self.conv_in = CausalConv(config.latent_channels, blocks[0][0], 3)
+        self.conv_in = causal_conv(config.latent_channels, blocks[0][0], 3)
         self.mid_block = MidBlock(blocks[0][0], groups)
         self.up_blocks = nn.ModuleList(
             [UpBlock(cin, cout, config.layers_per_block + 1, groups, up) for cin, cout, up in blocks]
         )
         self.conv_norm_out = nn.GroupNorm(groups, blocks[-1][1], eps=1e-6)
-        self.conv_out = CausalConv(blocks[-1][1], 3, 3)
+        self.conv_out = causal_conv(blocks[-1][1], 3, 3)
 
 
 class HunyuanDecoder(nn.Module):
     """De-normalized latents (B, 16, T, h, w) -> video in [-1, 1] (B, 3, 1 + 4(T-1), 8h, 8w),
-    unclamped, decoded in one shot (one window of the windowed schedule)."""
+    unclamped, decoded in one shot (one window of the window schedule)."""
 
     def __init__(self, config: HunyuanConfig):
         super().__init__()
@@ -219,27 +214,31 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], scaling_factor: float
     """Read the decoder's sizes off its tensors (diffusers names)."""
     try:
         latent = shapes["post_quant_conv.weight"][0]
-        n_blocks = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up_blocks."))
+        n_blocks = count_indexed(shapes, "decoder.up_blocks")
         widths = [shapes[f"decoder.up_blocks.{i}.resnets.0.conv1.conv.weight"][0] for i in range(n_blocks)]
-    except (KeyError, ValueError) as err:
+        num_res = count_indexed(shapes, "decoder.up_blocks.0.resnets")
+    except KeyError as err:
         raise LayoutError(f"no HunyuanVideo decoder tensor {err}") from None
     if n_blocks != 4:
         raise LayoutError(f"the decoder has {n_blocks} up blocks; the HunyuanVideo VAE has 4 (8x space, 4x time)")
-    num_res = sum(1 for k in shapes if re.fullmatch(r"decoder\.up_blocks\.0\.resnets\.\d+\.conv1\.conv\.weight", k))
     if any(w % groups for w in widths):
         raise LayoutError(f"the decoder's widths {widths} do not split into {groups} norm groups")
     return HunyuanConfig(latent_channels=latent, block_out_channels=tuple(reversed(widths)),
                          layers_per_block=num_res - 1, norm_num_groups=groups, scaling_factor=scaling_factor)  # fmt: skip
 
 
+@register
 class HunyuanVideo(Family):
     name = "hunyuanvideo"
     title = "HunyuanVideo VAE"
     temporal_ratio = 4
     spatial_ratio = 8
     diffusers_class = "AutoencoderKLHunyuanVideo"
-    strategy = "windowed"
+    strategy = Strategy.REPLAY
+    tiling = Tiling.REFERENCE
     steady_latents = 8  # two windows: 5 latents, then 3 more
+    # diffusers' framewise decode: tile_sample_min_num_frames 16 (4 latents + the one before) every 12
+    windows = Windows(latents=5, stride=3, blend=1)
 
     # HunyuanVideo's `pytorch_model.pt`, Open-Sora 2.0's `hunyuan_vae.safetensors` and diffusers'
     # folders all use the same names; Tencent's loader also accepts them under a "vae." prefix.
@@ -270,7 +269,9 @@ class HunyuanVideo(Family):
     def build(self, config: HunyuanConfig) -> HunyuanDecoder:
         return HunyuanDecoder(config)
 
-    def window_stream(self, decoder: nn.Module, tile):
-        from ..windowed import WindowedStream
-
-        return WindowedStream(decoder, self.temporal_ratio, self.spatial_ratio, tile=tile)
+    def open_stream(self, decoder: HunyuanDecoder, plan: Plan) -> ScheduleReplayStream:
+        tiles = None
+        if plan.tile is not None:  # enable_tiling(): 256-pixel tiles every 192 at its defaults (32 latents)
+            stride = tuple(t - t // 4 for t in plan.tile)
+            tiles = BlendedTiles(plan.tile, stride, self.spatial_ratio)
+        return ScheduleReplayStream(decoder, self.windows, self.temporal_ratio, tiles)

@@ -20,23 +20,27 @@ Causal convolutions repeat the first frame in front (k-1 copies) and zero-pad in
 upsamplers interpolate linearly (align_corners=False) between frames after the first, so frame
 2i+1 of their output reads input frame i+1: a lookahead of one frame. CausalVAE normalizes with
 GroupNorm over the whole time axis of its input, so its output depends on how the latents are cut;
-its streaming strategy is therefore windowed: `ContextWindowStream` runs the reference's tiled
-decode (windows of 6 latents every 4, the frames of each later window's 2 context latents
+its streaming strategy is therefore schedule replay: `ScheduleReplayStream` runs the reference's
+tiled decode (windows of 6 latents every 4, the frames of each later window's 2 context latents
 dropped, 512-pixel spatial tiles blended over 1/8) as the latents arrive.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Conv3d, per_frame
+from ..errors import StreamdecError
+from ..keys import count_indexed
+from ..layers import WrappedCausalConv3d, per_frame
+from ..plan import Plan
 from ..state import StreamState
-from . import Family, LayoutError
+from ..streams import ScheduleReplayStream, Windows
+from ..tiling import BlendedTiles
+from . import Family, LayoutError, Strategy, Tiling, register
 
 SCALING_FACTOR = 0.18215  # diffusion latents = VAE latents * this (Open-Sora-Plan's wrapper)
 NORM_GROUPS = 32
@@ -44,24 +48,11 @@ NORM_GROUPS = 32
 # ---------------------------------------------------------------------------- shared blocks
 
 
-class CausalConv(nn.Module):
+def causal_conv(cin: int, cout: int, kernel, padding=0) -> WrappedCausalConv3d:
     """A 3-D convolution causal in time: k-1 copies of the stream's first frame in front of it, then
     the frames cached from the last chunk (or, without a state, the clip's own first frame). Spatial
-    padding is zeros. `conv` is the nn.Conv3d, as the reference's checkpoint names it."""
-
-    def __init__(self, cin: int, cout: int, kernel, padding=0):
-        super().__init__()
-        kernel = _triple(kernel)
-        pad = _triple(padding)
-        self.conv = Conv3d(cin, cout, kernel, padding=(0, pad[1], pad[2]))
-        self.past_frames = kernel[0] - 1
-
-    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
-        if self.past_frames and state is None:
-            x = torch.cat([x[:, :, :1].expand(-1, -1, self.past_frames, -1, -1), x], dim=2)
-        elif self.past_frames:
-            x = state.with_history(self, x, self.past_frames, first="replicate")
-        return self.conv(x)
+    padding is zeros. Stored as `.conv`, as the reference's checkpoints name it."""
+    return WrappedCausalConv3d(cin, cout, kernel, padding=padding, time_pad="replicate")
 
 
 class ChannelLayerNorm(nn.Module):
@@ -85,10 +76,10 @@ class ResnetBlock3D(nn.Module):
     def __init__(self, cin: int, cout: int, norm: str):
         super().__init__()
         self.norm1 = make_norm(norm, cin)
-        self.conv1 = CausalConv(cin, cout, 3, padding=1)
+        self.conv1 = causal_conv(cin, cout, 3, padding=1)
         self.norm2 = make_norm(norm, cout)
-        self.conv2 = CausalConv(cout, cout, 3, padding=1)
-        self.nin_shortcut = CausalConv(cin, cout, 1) if cin != cout else None
+        self.conv2 = causal_conv(cout, cout, 3, padding=1)
+        self.nin_shortcut = causal_conv(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)), state)
@@ -103,16 +94,16 @@ class FrameAttention(nn.Module):
     def __init__(self, dim: int, norm: str):
         super().__init__()
         self.norm = make_norm(norm, dim)
-        self.q = CausalConv(dim, dim, 1)
-        self.k = CausalConv(dim, dim, 1)
-        self.v = CausalConv(dim, dim, 1)
-        self.proj_out = CausalConv(dim, dim, 1)
+        self.q = causal_conv(dim, dim, 1)
+        self.k = causal_conv(dim, dim, 1)
+        self.v = causal_conv(dim, dim, 1)
+        self.proj_out = causal_conv(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         normed = self.norm(x)
 
-        def tokens(conv: CausalConv) -> torch.Tensor:  # (B*T, H*W, C)
+        def tokens(conv: WrappedCausalConv3d) -> torch.Tensor:  # (B*T, H*W, C)
             return conv(normed).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
 
         out = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
@@ -131,7 +122,7 @@ class TimeSpaceUpsample(nn.Module):
 
     def __init__(self, dim: int, t_interpolation: str = "trilinear"):
         super().__init__()
-        self.conv = CausalConv(dim, dim, 3, padding=1)
+        self.conv = causal_conv(dim, dim, 3, padding=1)
         self.mode = t_interpolation
         # nearest in time: each frame twice, no lookahead needed (the same formulas with weight 0)
         self.weight = 0.25 if t_interpolation == "trilinear" else 0.0
@@ -191,7 +182,7 @@ class SpaceUpsample(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv = CausalConv(dim, dim, (1, 3, 3), padding=1)
+        self.conv = causal_conv(dim, dim, (1, 3, 3), padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(per_frame(lambda f: F.interpolate(f, scale_factor=2.0, mode="nearest"), x))
@@ -211,7 +202,7 @@ class MixedTimeUpsample(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv = CausalConv(dim, dim, 3, padding=1)
+        self.conv = causal_conv(dim, dim, 3, padding=1)
         self.mix_factor = nn.Parameter(torch.empty(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,6 +259,7 @@ class UpLevel(nn.Module):
         self.block = nn.ModuleList(
             [ResnetBlock3D(cin if i == 0 else cout, cout, config.norm_type) for i in range(config.num_res_blocks + 1)]
         )
+        self.upsample = self.time_upsample = None
         if space == "SpatialUpsample2x":
             self.upsample = SpaceUpsample(cout)
         elif space:
@@ -278,7 +270,7 @@ class UpLevel(nn.Module):
             self.time_upsample = TimeUpsample()
 
     def layers(self) -> list[nn.Module]:
-        return [*self.block, *(getattr(self, n) for n in ("upsample", "time_upsample") if hasattr(self, n))]
+        return [*self.block, *(m for m in (self.upsample, self.time_upsample) if m is not None)]
 
 
 class CausalVAEDecoder3d(nn.Module):
@@ -286,7 +278,7 @@ class CausalVAEDecoder3d(nn.Module):
         super().__init__()
         widths = [config.hidden_size * m for m in config.hidden_size_mult]
         top = widths[-1]
-        self.conv_in = CausalConv(config.z_channels, top, 3, padding=1)
+        self.conv_in = causal_conv(config.z_channels, top, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock3D(top, top, config.norm_type)
         self.mid.attn_1 = FrameAttention(top, config.norm_type)
@@ -299,18 +291,18 @@ class CausalVAEDecoder3d(nn.Module):
             cin = widths[level]
         self.up = nn.ModuleList([levels[i] for i in range(len(widths))])
         self.norm_out = make_norm(config.norm_type, widths[0])
-        self.conv_out = CausalConv(widths[0], 3, 3, padding=1)
+        self.conv_out = causal_conv(widths[0], 3, 3, padding=1)
 
 
 class CausalVAEDecoder(nn.Module):
     """De-normalized latents (B, C, T, h, w) -> video in [-1, 1], decoded in one shot (one window
-    of the windowed schedule, or one spatial tile of it), unclamped."""
+    of the window schedule, or one spatial tile of it), unclamped."""
 
     def __init__(self, config: CausalVAEConfig):
         super().__init__()
         self.config = config
         if config.use_quant_layer:
-            self.post_quant_conv = CausalConv(config.embed_dim, config.z_channels, 1)
+            self.post_quant_conv = causal_conv(config.embed_dim, config.z_channels, 1)
         self.decoder = CausalVAEDecoder3d(config)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -339,11 +331,11 @@ def causalvae_config(shapes: dict[str, tuple[int, ...]], diffusers_config: dict 
     cfg = diffusers_config or {}
     try:
         z_channels = shapes["decoder.conv_in.conv.weight"][1]
-        n_levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up."))
+        n_levels = count_indexed(shapes, "decoder.up")
         widths = [shapes[f"decoder.up.{i}.block.0.conv1.conv.weight"][0] for i in range(n_levels)]
-    except (KeyError, ValueError) as err:
+        blocks = count_indexed(shapes, "decoder.up.0.block")
+    except KeyError as err:
         raise LayoutError(f"no CausalVAE decoder tensor {err}") from None
-    blocks = sum(1 for k in shapes if re.fullmatch(r"decoder\.up\.0\.block\.\d+\.conv1\.conv\.weight", k))
     if any(k.startswith("decoder.up.") and ".attn." in k for k in shapes):
         raise LayoutError("the decoder has attention in its up blocks (attn_resolutions), which streamdec does not build")
     space = list(cfg.get("decoder_spatial_upsample") or [_space_kind(shapes, i) for i in range(n_levels)])
@@ -379,14 +371,20 @@ def _time_kind(shapes, level: int) -> str:
     return "TimeUpsampleRes2x" if f"decoder.up.{level}.time_upsample.mix_factor" in shapes else ""
 
 
+@register
 class CausalVAE(Family):
     name = "causalvae"
     title = "Open-Sora-Plan CausalVAE"
     temporal_ratio = 4
     spatial_ratio = 8
     diffusers_class = "CausalVAEModel"
-    strategy = "windowed"
+    strategy = Strategy.REPLAY
+    tiling = Tiling.REFERENCE
+    default_tile = (64, 64)  # the reference's 512-pixel tiles: it always tiles
+    tile_overlap = 0.125
     steady_latents = 10  # two windows: 6 latents, then 4 more
+    # tiled_decode: windows of 6 latents every 4, the last the rest if it holds new latents
+    windows = Windows(latents=6, stride=4, blend=0, ending="rest")
 
     # The released folders hold config.json with a .ckpt or diffusers safetensors; the names are
     # the model's own, with the encoder's beside them.
@@ -410,7 +408,15 @@ class CausalVAE(Family):
     def build(self, config: CausalVAEConfig) -> CausalVAEDecoder:
         return CausalVAEDecoder(config)
 
-    def window_stream(self, decoder: nn.Module, tile):
-        from ..windowed import ContextWindowStream
+    def effective_tile(self, tile: tuple[int, int] | None) -> tuple[int, int]:
+        tile = super().effective_tile(tile)
+        if any((t * self.tile_overlap) % 1 for t in tile):
+            raise StreamdecError(f"tile must be a multiple of {round(1 / self.tile_overlap)} latent pixels for the "
+                                 f"reference's {self.tile_overlap:g} tile overlap, not {tile[0]}x{tile[1]}")  # fmt: skip
+        return tile
 
-        return ContextWindowStream(decoder, self.temporal_ratio, self.spatial_ratio, tile=tile)
+    def open_stream(self, decoder: CausalVAEDecoder, plan: Plan) -> ScheduleReplayStream:
+        tile = self.effective_tile(plan.tile)
+        stride = tuple(int(t * (1 - self.tile_overlap)) for t in tile)
+        tiles = BlendedTiles(tile, stride, self.spatial_ratio, long_videos=True)
+        return ScheduleReplayStream(decoder, self.windows, self.temporal_ratio, tiles)

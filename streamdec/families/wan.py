@@ -1,9 +1,9 @@
 """Wan video VAE decoders: Wan 2.1 (also used by Wan 2.2-A14B, SkyReels-V2, Self-Forcing, ...)
 and the Wan 2.2 high-compression VAE of TI2V-5B, built from the same blocks.
 
-Streaming strategy: causal. Every temporal convolution is a CausalConv3d, so a video frame
+Streaming strategy: carried state. Every temporal convolution is a CausalConv3d, so a video frame
 is final the moment it is produced and any chunking of the latents gives the same output as
-the reference's one-latent-frame-at-a-time decode.
+the reference's one-latent-frame-at-a-time decode. Tiles are exact (streamdec.tiling).
 
 Shape of the decoder (released sizes, latent h x w, 16 channels in, RGB out):
 
@@ -43,9 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..keys import count_indexed
 from ..layers import CausalConv3d, NearestUpsample2x, RMSNorm, per_frame
+from ..plan import Plan
 from ..state import StreamState
-from . import Family, LayoutError
+from ..streams import CarriedStream
+from ..tiling import ExactTiler
+from . import Family, LayoutError, Strategy, Tiling, register
 
 # Per-channel latent statistics of the released Wan 2.1 VAE (official `WanVAE`, diffusers config).
 WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -460,9 +464,10 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], mean, std) -> WanConf
     base_dim is taken as the gcd of the stage widths."""
     try:
         z_dim = shapes["post_quant_conv.weight"][0]
-        n_blocks = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up_blocks."))
+        n_blocks = count_indexed(shapes, "decoder.up_blocks")
         widths = [shapes[f"decoder.up_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n_blocks)]
-    except (KeyError, ValueError) as err:
+        num_res = count_indexed(shapes, "decoder.up_blocks.0.resnets")
+    except KeyError as err:
         raise LayoutError(f"no Wan decoder tensor {err}") from None
     residual = is_wan22(shapes)
     conv_out = shapes.get("decoder.conv_out.weight") or shapes.get("decoder.conv_out.bias")
@@ -472,7 +477,6 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], mean, std) -> WanConf
         raise LayoutError(f"the decoder gives {out_channels} channels, which are not RGB patches (3 x p x p)")
     if len(mean) != z_dim or len(std) != z_dim:
         raise LayoutError(f"the decoder takes {z_dim} latent channels but its latent statistics have {len(mean)}")
-    num_res = sum(1 for k in shapes if re.fullmatch(r"decoder\.up_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
     base = math.gcd(*widths)
     upsampler = "upsampler" if residual else "upsamplers.0"
     temporal = tuple(any(k.startswith(f"decoder.up_blocks.{i}.{upsampler}.time_conv.") for k in shapes)
@@ -496,12 +500,15 @@ def is_wan22(keys) -> bool:
     return is_nested_official(keys) or any(re.match(r"decoder\.up_blocks\.\d+\.upsampler\.", k) for k in keys)
 
 
+@register
 class Wan21(Family):
     name = "wan2.1"
     title = "Wan 2.1 VAE"
     temporal_ratio = 4
     spatial_ratio = 8
     diffusers_class = "AutoencoderKLWan"
+    strategy = Strategy.CARRIED
+    tiling = Tiling.EXACT
     latents_mean, latents_std = WAN21_MEAN, WAN21_STD  # unless a diffusers config says otherwise
     residual = False  # whether its checkpoints are Wan 2.2's (`is_wan22`)
 
@@ -535,7 +542,14 @@ class Wan21(Family):
     def build(self, config: WanConfig) -> WanDecoder:
         return WanDecoder(config)
 
+    def open_stream(self, decoder: WanDecoder, plan: Plan) -> CarriedStream:
+        tiler = None
+        if plan.tile is not None:
+            tiler = ExactTiler(decoder, plan.tile, self.spatial_ratio, park=plan.park_tiles, sample=plan.sample_tiles)
+        return CarriedStream(decoder, tiler=tiler)
 
+
+@register
 class Wan22(Wan21):
     """The Wan 2.2 TI2V-5B VAE: the same decoding rules, 48 channels, 16x spatial compression."""
 

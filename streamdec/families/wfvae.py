@@ -1,6 +1,6 @@
 """WF-VAE decoder (Open-Sora-Plan v1.3, PKU-YuanGroup/WF-VAE).
 
-Streaming strategy: causal with a lookahead of one latent frame. Every norm is a LayerNorm over
+Streaming strategy: carried state with a lookahead of one latent frame. Every norm is a LayerNorm over
 channels and the mid attention is per frame, so nothing mixes frames except causal convolutions
 (carried in the StreamState) and the one time upsampler, whose odd output frames interpolate
 towards the next latent frame (`TimeSpaceUpsample`): those wait for it, or for the end of the
@@ -33,10 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..keys import count_indexed
 from ..layers import per_frame
+from ..plan import Plan
 from ..state import StreamState
-from . import Family, LayoutError
-from .opensora_plan import SCALING_FACTOR, CausalConv, FrameAttention, ResnetBlock3D, TimeSpaceUpsample, make_norm
+from ..streams import CarriedStream
+from . import Family, LayoutError, Strategy, register
+from .opensora_plan import SCALING_FACTOR, FrameAttention, ResnetBlock3D, TimeSpaceUpsample, causal_conv, make_norm
 
 HAAR_3D = 0.3536  # the reference's (rounded) 1/(2*sqrt(2))
 
@@ -133,7 +136,7 @@ class Decoder(nn.Module):
         super().__init__()
         b, e, n = config.base_channels, config.energy_flow_hidden_size, config.num_resblocks
         self.energy_flow_hidden_size = e
-        self.conv_in = CausalConv(config.latent_dim, 4 * b, 3, padding=1)
+        self.conv_in = causal_conv(config.latent_dim, 4 * b, 3, padding=1)
         mid = [ResnetBlock3D(4 * b, 4 * b, "layernorm"), ResnetBlock3D(4 * b, 4 * b + e, "layernorm")]
         if config.use_attention:
             mid.insert(1, FrameAttention(4 * b, "layernorm"))
@@ -213,9 +216,9 @@ def wfvae_config(shapes: dict[str, tuple[int, ...]], diffusers_config: dict | No
     try:
         latent, base4 = shapes["decoder.conv_in.conv.weight"][1], shapes["decoder.conv_in.conv.weight"][0]
         e = shapes["decoder.connect_l2.0.conv1.conv.weight"][0]
-        up2 = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up2."))
-        connect = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.connect_l2."))
-    except (KeyError, ValueError) as err:
+        up2 = count_indexed(shapes, "decoder.up2")
+        connect = count_indexed(shapes, "decoder.connect_l2")
+    except KeyError as err:
         raise LayoutError(f"no WF-VAE decoder tensor {err}") from None
     if "decoder.mid.0.norm1.norm.weight" not in shapes:
         raise LayoutError(
@@ -247,12 +250,14 @@ def _per_channel(values, default: float, channels: int, name: str) -> tuple[floa
     raise LayoutError(f"config.json gives {len(values)} different {name} values for {channels} latent channels")
 
 
+@register
 class WFVAE(Family):
     name = "wfvae"
     title = "WF-VAE"
     temporal_ratio = 4
     spatial_ratio = 8
     diffusers_class = "WFVAEModel"
+    strategy = Strategy.CARRIED
     lookahead = 1  # latent frames a stream waits for before the last one's frames are final
 
     # Released as a folder: config.json with diffusion_pytorch_model.safetensors, or a .ckpt with
@@ -281,3 +286,6 @@ class WFVAE(Family):
 
     def build(self, config: WFVAEConfig) -> WFVAEDecoder:
         return WFVAEDecoder(config)
+
+    def open_stream(self, decoder: WFVAEDecoder, plan: Plan) -> CarriedStream:
+        return CarriedStream(decoder, finish=decoder.finish)

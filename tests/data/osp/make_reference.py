@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parents[1]))
-from osp_weights import is_constant, seeded_weights  # noqa: E402
+sys.path.insert(0, str(HERE.parents[1]))  # tests/, for helpers
+from helpers.osp_weights import is_constant, seeded_weights  # noqa: E402
 
 WFVAE = dict(latent_dim=4, base_channels=8, encoder_num_resblocks=1, encoder_energy_flow_hidden_size=8,
              decoder_num_resblocks=2, decoder_energy_flow_hidden_size=8, attention_type="AttnBlock3DFix",

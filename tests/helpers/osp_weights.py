@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).parent / "data" / "osp"
+DATA = Path(__file__).parents[1] / "data" / "osp"
 
 
 def read_keys(name: str) -> dict[str, tuple[int, ...]]:
