@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -98,21 +99,7 @@ def _from_safetensors(files: list[Path], description: str, config: dict | None =
 
 
 def _from_torch_file(path: Path) -> TensorSource:
-    try:
-        try:
-            obj = quiet_torch_load(path, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):  # old, non-zip checkpoints cannot be memory-mapped
-                raise
-            obj = quiet_torch_load(path)
-    except Exception as err:
-        if "Unsupported global" in str(err):  # weights_only=True met a pickled Python object
-            raise CheckpointError(
-                f"{path} holds Python objects besides tensors and is not loaded for safety (weights_only=True); "
-                "save its state_dict() instead"
-            ) from None
-        raise CheckpointError(f"cannot read {path}: not a valid torch checkpoint ({one_line(err)})") from None
-    obj = _unwrap_training_checkpoint(obj)
+    obj = _unwrap_training_checkpoint(read_torch_file(path, "checkpoint"))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
     return TensorSource(str(path), {k: tuple(v.shape) for k, v in obj.items()},
@@ -168,12 +155,58 @@ def _from_folder(path: Path) -> TensorSource:
     )
 
 
-def quiet_torch_load(path, mmap: bool = False):
-    """torch.load of tensors only, without the warnings torch prints about odd files (the
-    caller turns failures into one clear error)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+def read_torch_file(path: Path, what: str):
+    """What a torch.save file holds, read safely: tensors and plain containers only (weights_only=True,
+    memory-mapped where the file allows). Anything else is one clear CheckpointError: another kind of
+    file, or pickled Python objects, which are refused for safety (they could run code when loaded)."""
+    kind = _other_file_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"cannot read {what} {path}: it is {kind}, not a torch file")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd files; the error below says it once
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # old, non-zip checkpoints cannot be memory-mapped
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = str(err)
+        if "weights only load failed" in text.lower():  # the safe unpickler met something else
+            named = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
+            detail = f"it names {named.group(1)}" if named else "data the safe loader cannot read"
+            raise CheckpointError(
+                f"{what} {path} is not loaded for safety: it holds pickled Python objects besides tensors ({detail}), "
+                "which could run code when loaded; use a .safetensors copy, or save the tensors alone where it was made"
+            ) from None
+        raise CheckpointError(f"cannot read {what} {path}: not a valid torch file ({one_line(err)})") from None
+
+
+def _other_file_kind(path: Path) -> str | None:
+    """What `path` looks like when it is not a torch.save file (a zip archive, or a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "an empty file"
+    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+             b"\x93NUMPY": "a NumPy .npy file", b"\x1f\x8b": "gzip-compressed", b"\x1aE\xdf\xa3": "a Matroska video"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":
+        return "an MP4 video"
+    if len(head) > 9 and head[8:10] == b'{"':
+        return "a .safetensors file (name it .safetensors)"
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        return "an HTML page (a failed download?)"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return None  # unknown: let torch say what it makes of it
 
 
 def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram: float | None = None) -> VAE:

@@ -1,12 +1,14 @@
 """The `streamdec` command: decode latents to video, describe a checkpoint, or run a demo.
 
-Every expected failure (bad files, settings, a closed pipe, Ctrl-C) ends with one line on
-stderr and a non-zero exit status, never a traceback.
+Every expected failure (bad files, settings, a closed pipe or stream, Ctrl-C, SIGTERM) ends with
+one line on stderr (when there is a stderr) and a non-zero exit status, never a traceback; and
+nothing the user had is lost (streamdec.sinks.OutputFile).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -15,7 +17,11 @@ from pathlib import Path
 from . import __version__
 from .errors import one_line
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stopped as Ctrl-C stops, the output closed with every frame so far."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--raw-latents", action="store_true",
                         help="the latents are already de-normalized (as diffusers' vae.decode takes them)")  # fmt: skip
     decode.add_argument("--key", help="name of the latent tensor in a file that holds several")
-    decode.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    decode.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output file (once the new one holds a frame)")  # fmt: skip
     decode.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     info = commands.add_parser("info", help="describe a VAE checkpoint")
@@ -53,15 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=int, default=16, help="decoder base width (the released model has 96)")
     _add_output_options(demo)
     _add_model_options(demo, offload=False)
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an existing output file (once the new one holds a frame)")  # fmt: skip
     demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fps", type=float, default=16.0, help="frame rate (default 16, Wan's)")
+    p.add_argument("--fps", type=_fps_arg, default=16.0, help="frame rate (default 16, Wan's)")
     p.add_argument("--codec", help="libx264 (default), libx265, libsvtav1, ffv1, libx264rgb, ...")
     p.add_argument("--crf", type=int, help="quality (lower is better; default 18 for x264, 0 = lossless)")
+    p.add_argument("--low-latency", action="store_true",
+                   help="the encoder holds no frames back (x264/x265 zerolatency, SVT-AV1 low delay): a killed "
+                        "run loses at most one frame, the file is somewhat larger")  # fmt: skip
     p.add_argument("--preset", help="encoder speed preset (default fast; svt-av1: 8)")
     p.add_argument("--pix-fmt", help="pixel format (default yuv420p)")
     p.add_argument("--format", help="container: mp4, mkv, webm, mov, nut, y4m, or rgb24 (raw, pipes); "
@@ -83,32 +94,67 @@ def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    _reopen_closed_std_fds()
+    previous = _on_sigterm(_terminate)
+    target = None
     try:
-        return {"decode": run_decode, "info": run_info, "demo": run_demo}[args.command](args)
-    except KeyboardInterrupt:
-        _say("interrupted; the output keeps every frame decoded so far")
-        return EXIT_INTERRUPTED
+        args = build_parser().parse_args(argv)
+        if args.command in ("decode", "demo"):
+            target = _output_target(args.output, args.overwrite)
+            _route_ffmpeg_logs()
+        return {"decode": run_decode, "info": run_info, "demo": run_demo}[args.command](args, target)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        terminated = isinstance(err, Terminated)
+        _say(f"{'terminated' if terminated else 'interrupted'}{_what_was_kept(err, target)}")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         return _pipe_closed()
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # StreamdecError is a ValueError
         if _is_broken_pipe(err):
             return _pipe_closed()
-        _say(f"error: {one_line(err)}")
+        _say(f"error: {_explained(err)}{_what_was_kept(err, target)}")
         return EXIT_ERROR
+    finally:
+        _on_sigterm(previous)
 
 
-def run_decode(args) -> int:
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Set the SIGTERM handler and return the one before; outside the main thread (main() called
+    from a worker thread) signals cannot be handled, and nothing changes."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return handler
+
+
+def _route_ffmpeg_logs() -> None:
+    """FFmpeg's error lines go into streamdec's one-line messages (PyAV puts the last one in its
+    exceptions), not onto the terminal beside them."""
+    import logging
+
+    import av.logging
+
+    av.logging.set_level(av.logging.ERROR)
+    logger = logging.getLogger("libav")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+
+
+def run_decode(args, target) -> int:
     from .checkpoints import load_vae
     from .latents import read_latents
 
-    target = _output_target(args.output, args.overwrite)
     latents = read_latents(args.latents, key=args.key)
     vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram)
     return _decode(vae, latents, target, args, normalized=not args.raw_latents)
 
 
-def run_info(args) -> int:
+def run_info(args, target=None) -> int:
     from .checkpoints import load_vae
 
     vae = load_vae(args.checkpoint, device="cpu")
@@ -122,7 +168,7 @@ def run_info(args) -> int:
     return 0
 
 
-def run_demo(args) -> int:
+def run_demo(args, target) -> int:
     import torch
 
     from .demo import demo_latents, demo_vae
@@ -131,7 +177,6 @@ def run_demo(args) -> int:
         h, w = (int(s) for s in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must be HEIGHTxWIDTH in latent pixels, like 30x40, not {args.size!r}") from None
-    target = _output_target(args.output, args.overwrite)
     vae = demo_vae(args.width, device=args.device, dtype=args.dtype)
     latents = demo_latents(args.latent_frames, h, w, generator=torch.Generator().manual_seed(0))
     return _decode(vae, latents, target, args, normalized=True)
@@ -140,10 +185,8 @@ def run_demo(args) -> int:
 def _decode(vae, latents, target, args, normalized: bool) -> int:
     from .stream import decode_to_file
 
-    to_stdout = target is sys.stdout.buffer
+    to_stdout = not isinstance(target, Path)
     format = args.format or ("y4m" if to_stdout else None)
-    if to_stdout and sys.stdout.isatty():
-        raise ValueError("refusing to write video to a terminal; pipe it (| ffmpeg -i - out.mp4) or use -o FILE")
     if vae.max_vram is not None and not args.quiet:  # say what the budget chose (decode_to_file reuses it)
         from .latents import as_latents
         from .memory import plan_decode
@@ -154,6 +197,7 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
     written = decode_to_file(
         vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
         pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet, tile=args.tile,
+        low_latency=args.low_latency,
     )  # fmt: skip
     if not args.quiet and not to_stdout:
         h, w = (s * vae.spatial_ratio for s in latents.shape[-2:])
@@ -183,14 +227,30 @@ def _gib_arg(text: str) -> float:
     return gib
 
 
+def _fps_arg(text: str) -> float:
+    from .sinks import SinkError, frame_rate
+
+    try:
+        fps = float(text)
+        frame_rate(fps)
+    except (ValueError, SinkError):
+        raise argparse.ArgumentTypeError(f"expected a frame rate from 0.01 to 1000, like 16, 24 or 23.976, not {text!r}") from None
+    return fps
+
+
 def _output_target(output: str, overwrite: bool):
-    """stdout's binary stream for "-", else a path checked to be writable and new (or --overwrite)."""
+    """stdout's binary stream for "-", else a path checked to be writable and new (or --overwrite);
+    a device or a pipe (/dev/null, a FIFO) is written in place and needs no --overwrite."""
     if output == "-":
+        if sys.stdout is None:
+            raise ValueError("stdout is closed; give -o FILE, or let the video go to a pipe (-o - | ffmpeg -i - out.mp4)")
+        if sys.stdout.isatty():
+            raise ValueError("refusing to write video to a terminal; pipe it (| ffmpeg -i - out.mp4) or use -o FILE")
         return sys.stdout.buffer
     path = Path(output)
     if path.is_dir():
         raise ValueError(f"output {path} is a folder; give a file name such as {path / 'video.mp4'}")
-    if path.exists() and not overwrite:
+    if path.is_file() and not overwrite:
         raise ValueError(f"output {path} already exists; add --overwrite to replace it")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -200,24 +260,55 @@ def _output_target(output: str, overwrite: bool):
     return path
 
 
+def _what_was_kept(err: BaseException, target) -> str:
+    """What an interrupted or failed decode left, for the end of its message."""
+    if not isinstance(target, Path):
+        return ""
+    frames = getattr(err, "frames_written", None)  # set by decode_to_file once the file was opened
+    if frames:
+        return f"; {target} holds the {frames} frames decoded so far"
+    if frames == 0 or isinstance(err, KeyboardInterrupt):
+        return f"; nothing was written to {target}" + (" (the file there is unchanged)" if target.exists() else "")
+    return ""
+
+
+def _explained(err: BaseException) -> str:
+    """The line to print for an error: its own, with the way out for the ones that need it."""
+    text = one_line(err)
+    if isinstance(err, OSError) and err.filename:
+        text = f"{err.filename}: {text}"
+    if type(err).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        return (f"the device ran out of memory ({text}); try --max-vram GIB (it plans offload and tiles to fit), "
+                "--offload block, --tile 32 or --dtype bf16")  # fmt: skip
+    return text
+
+
+def _reopen_closed_std_fds() -> None:
+    """A closed stdin, stdout or stderr (`>&-`) gets /dev/null, so that no file streamdec opens takes its
+    number and has messages or pipes written into it. Python has then set sys.stdout/stderr to None."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def _pipe_closed() -> int:
     """The reader of our stdout went away: stop quietly, like other Unix filters."""
     try:  # further writes (and Python's exit flush) must not raise again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     except OSError:
         pass
-    return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else EXIT_ERROR
+    return 128 + signal.SIGPIPE
 
 
 def _is_broken_pipe(err: BaseException) -> bool:
-    import errno
-
     return getattr(err, "errno", None) == errno.EPIPE or "Broken pipe" in str(err)
 
 
 def _say(message: str) -> None:
-    print(f"streamdec: {message}", file=sys.stderr, flush=True)
+    if sys.stderr is not None:  # closed (2>&-): the exit status still says it
+        print(f"streamdec: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

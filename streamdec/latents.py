@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import quiet_torch_load
+from .checkpoints import CheckpointError, read_torch_file
 from .errors import one_line
 
 
@@ -70,7 +70,9 @@ def read_latents(path: str | os.PathLike, key: str | None = None) -> torch.Tenso
 
             tensors = load_file(path)
         else:
-            tensors = quiet_torch_load(path)
+            tensors = read_torch_file(path, "latent file")
+    except CheckpointError:
+        raise
     except Exception as err:  # corrupt files raise anything from pickle, zipfile, numpy or safetensors
         raise ValueError(f"cannot read latent file {path}: {one_line(err)}") from None
     return _pick_tensor(tensors, key, path)

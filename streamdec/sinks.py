@@ -1,17 +1,33 @@
 """Frames out: encoders and pipes that take uint8 (H, W, 3) RGB frames one at a time.
 
 - VideoSink: a PyAV container (mp4, mkv, webm, mov, nut, y4m) on a path or a binary stream.
-  mp4 is written fragmented, so a killed process leaves a playable file.
-- RawSink: bare rgb24 bytes on a binary stream, for pipes.
+- RawSink: bare rgb24 bytes on a binary stream (or a file), for pipes.
 - FrameWriter: runs a sink in its own thread behind a bounded queue, so encoding overlaps
   decoding and a slow encoder slows the decoder instead of filling memory.
+
+Nothing the user had is lost (`OutputFile`): a file is written beside its path and takes the
+path's place only once it holds a frame; a device or a pipe (/dev/null, a FIFO) is written in
+place and never removed. A killed process leaves a playable file: mp4/mov are fragmented at every
+frame, Matroska/WebM close a cluster at every frame, and every packet is flushed, so the file holds
+every frame the encoder has given out but the last (whose fragment waits for the next), less the
+frames the encoder still holds (its lookahead; none with `low_latency`).
+
+Colour: RGB is converted to YUV with BT.709 (limited range) and tagged so wherever the output can
+say it (H.264/H.265/AV1 streams, mp4, mov, Matroska, WebM). Uncompressed YUV in y4m or nut cannot
+carry the tag, and every reader (ffmpeg, PyAV) takes untagged video as BT.601: there streamdec
+converts with BT.601, so the colours read back right with the readers' defaults.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import queue
+import re
+import secrets
 import threading
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +44,7 @@ FORMATS_BY_EXTENSION = {
 FORMAT_ALIASES = {"mkv": "matroska", "y4m": "yuv4mpegpipe"}
 CONTAINERS = ("mp4", "matroska", "webm", "mov", "nut", "yuv4mpegpipe")
 PIPE_FORMATS = ("y4m", "rgb24", "nut", "matroska", "mp4")
+UNTAGGED = ("yuv4mpegpipe", "nut")  # containers that cannot say an uncompressed stream's colour matrix
 
 # codec -> (pixel format, crf, preset): visually lossless defaults; crf 0 / ffv1 are lossless.
 CODEC_DEFAULTS = {
@@ -38,12 +55,24 @@ CODEC_DEFAULTS = {
     "ffv1": ("bgr0", None, None),
     "rawvideo": ("yuv420p", None, None),
 }
+_X26X = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+X26X_PRESETS = {"libx264": _X26X, "libx264rgb": _X26X, "libx265": _X26X}  # checked here: x264 prints its own complaint
+CRF_RANGES = {"libx264": (0, 51), "libx264rgb": (0, 51), "libx265": (0, 51), "libsvtav1": (1, 63)}
+# what each encoder needs to give out every frame at once (no lookahead, no reordering)
+LOW_LATENCY = {
+    "libx264": {"tune": "zerolatency"},
+    "libx264rgb": {"tune": "zerolatency"},
+    "libx265": {"tune": "zerolatency"},
+    "libsvtav1": {"svtav1-params": "pred-struct=1:lookahead=0"},
+}
 DEFAULT_CODEC = {"webm": "libsvtav1", "yuv4mpegpipe": "rawvideo"}  # else libx264
-FRAGMENTED_MP4 = "frag_keyframe+empty_moov+default_base_moof"
+FRAGMENTED_MP4 = "frag_every_frame+empty_moov+default_base_moof"
+FPS_RANGE = (0.01, 1000.0)
+NTSC_RATES = (24, 30, 48, 60, 120)  # their 1000/1001 rates: 23.976, 29.97, ...
 
 
 class SinkError(StreamdecError):
-    """Output settings that cannot work; the message says which and what to use instead."""
+    """Output settings that cannot work, or an output that failed; the message says which and why."""
 
 
 def container_format(path: str | os.PathLike | None, format: str | None) -> str:
@@ -63,15 +92,63 @@ def container_format(path: str | os.PathLike | None, format: str | None) -> str:
     return FORMATS_BY_EXTENSION[suffix]
 
 
+class OutputFile:
+    """Where a file output is written, so that nothing already at its path is lost.
+
+    A regular path (new, or an existing file to replace) is written to a new file beside it, which
+    takes the path's place (`commit`) once it holds a frame: a failure before that removes only that
+    new file, and whatever was at the path stays as it was. A symlink's target is what is replaced.
+    A device or a FIFO (/dev/null, a named pipe) is written in place and never moved or removed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.final = Path(os.path.realpath(self.path))
+        if self.final.is_dir():
+            raise SinkError(f"cannot write {path}: it is a folder")
+        if self.final.exists() and not self.final.is_file():
+            self.write_path, self.temporary = self.final, False
+        else:
+            self.write_path, self.temporary = self._create_beside(), True
+        self.committed = not self.temporary
+
+    def _create_beside(self) -> Path:
+        while True:
+            candidate = self.final.with_name(f".{self.final.name}.{secrets.token_hex(4)}.partial")
+            try:  # O_EXCL: never opens anything that exists; 0o666 less the umask, as any new file
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                return candidate
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise SinkError(f"cannot write {self.path}: {_reason(err)}") from None
+
+    def holds_data(self, header_bytes: int) -> bool:
+        return self.write_path.stat().st_size > header_bytes
+
+    def commit(self) -> None:
+        """The new file holds a frame: it takes the path's place, replacing what was there."""
+        if not self.committed:
+            os.replace(self.write_path, self.final)
+            self.committed = True
+
+    def discard(self) -> None:
+        """No frame was written: remove the new file, and only it."""
+        if not self.committed:
+            self.write_path.unlink(missing_ok=True)
+
+
 class VideoSink:
     """Encode RGB frames with PyAV into a container written to `target` (a path or a binary
     stream). Everything is checked and the header written on construction, so bad settings
-    fail before any decoding."""
+    fail before any decoding. `low_latency`: the encoder gives out each frame at once (x264/x265
+    zerolatency, SVT-AV1 low delay), so a killed process loses at most one frame, at some cost
+    in compression."""
 
     def __init__(self, target: str | os.PathLike | BinaryIO, width: int, height: int, fps: float = 16,
-                 codec: str | None = None, crf: int | None = None, preset: str | None = None,
-                 pix_fmt: str | None = None, format: str | None = None, options: dict | None = None):  # fmt: skip
-        rate = _rate(fps)
+                 codec: str | None = None, crf: float | None = None, preset: str | None = None,
+                 pix_fmt: str | None = None, format: str | None = None, options: dict | None = None,
+                 low_latency: bool = False):  # fmt: skip
+        rate = frame_rate(fps)
         is_path = isinstance(target, (str, os.PathLike))
         fmt = container_format(target if is_path else None, format)
         if fmt == "rgb24":
@@ -79,112 +156,159 @@ class VideoSink:
         codec = codec or DEFAULT_CODEC.get(fmt, "libx264")
         if fmt == "yuv4mpegpipe" and codec != "rawvideo":
             raise SinkError(f"y4m holds uncompressed video only; drop the codec {codec!r} or pick another format")
-        try:
-            supported = [f.name for f in av.codec.Codec(codec, "w").video_formats or []]
-        except (av.codec.codec.UnknownCodecError, ValueError):
-            raise SinkError(f"unknown video encoder {codec!r}; try libx264, libx265, libsvtav1, ffv1 or libx264rgb") from None
+        supported = _video_encoder_formats(codec)
         default_pix, default_crf, default_preset = CODEC_DEFAULTS.get(codec, (supported[0] if supported else "yuv420p", None, None))
         self.pix_fmt = pix_fmt or default_pix
         if supported and self.pix_fmt not in supported:
             raise SinkError(f"{codec} cannot encode pixel format {self.pix_fmt!r}; it takes {', '.join(supported[:8])}")
-        if self.pix_fmt.startswith("yuv") and (width % 2 or height % 2):
-            raise SinkError(f"{self.pix_fmt} needs an even frame size, not {width}x{height}; use --pix-fmt yuv444p")
+        _check_frame_size(self.pix_fmt, width, height)
         opts = {}
-        if crf is None:
-            crf = default_crf
-        if crf is not None and codec not in ("ffv1", "rawvideo"):
-            opts["crf"] = str(crf)
+        if crf is not None:
+            opts["crf"] = _check_crf(codec, crf)
+        elif default_crf is not None:
+            opts["crf"] = str(default_crf)
+        if preset is not None and codec in X26X_PRESETS and str(preset) not in X26X_PRESETS[codec]:
+            raise SinkError(f"cannot encode with {codec}: it has no preset {preset!r}; use one of {', '.join(X26X_PRESETS[codec])}")
         if preset or default_preset:
             opts["preset"] = str(preset or default_preset)
+        if low_latency:
+            opts.update(LOW_LATENCY.get(codec, {}))
         opts.update({k: str(v) for k, v in (options or {}).items()})
         # x265 and SVT-AV1 print pages of banners to stderr; keep them to errors.
         if codec == "libx265":
-            opts.setdefault("x265-params", "log-level=error")
+            opts["x265-params"] = ":".join(p for p in ("log-level=error", opts.get("x265-params")) if p)
         if codec == "libsvtav1":
             os.environ.setdefault("SVT_LOG", "1")
 
-        # Every packet goes to the file at once, so a killed process leaves what it had encoded.
+        # Every packet goes to the file at once, and every frame closes a fragment (mp4/mov) or a
+        # cluster (Matroska/WebM), so a killed process leaves what was encoded.
         container_options = {"flush_packets": "1"}
-        if fmt == "mp4":
+        if fmt in ("mp4", "mov"):
             container_options["movflags"] = FRAGMENTED_MP4
-        self.target = target if is_path else None
+        if fmt in ("matroska", "webm"):
+            container_options["cluster_size_limit"] = "1"
+        self.name = str(target) if is_path else "the output stream"
+        self.file = OutputFile(target) if is_path else None
+        self.frames_written = 0
+        self.size = (width, height)
         try:
-            self.container = av.open(target, "w", format=fmt, container_options=container_options)
+            where = self.file.write_path if self.file else target
+            self.container = av.open(where, "w", format=fmt, container_options=container_options)
         except (OSError, av.error.FFmpegError) as err:
-            raise SinkError(f"cannot write {target}: {_reason(err)}") from None
+            self._discard()
+            raise SinkError(f"cannot write {self.name}: {_reason(err)}") from None
         try:
             self.stream = self.container.add_stream(codec, rate=rate, options=opts)
             self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, self.pix_fmt
             context = self.stream.codec_context
             if codec.startswith(("libx264", "libx265")):
-                context.thread_type, context.thread_count = "FRAME", 0  # frame threads: best throughput
-                context.gop_size = max(1, round(2 * fps))  # a keyframe, so an mp4 fragment, every 2 s
-            self._yuv = self.pix_fmt.startswith("yuv")
-            if self._yuv:  # tag what we convert with: BT.709, limited range
-                context.colorspace = context.color_primaries = context.color_trc = 1
+                if not low_latency:  # frame threads: best throughput, but they hold frames back
+                    context.thread_type, context.thread_count = "FRAME", 0
+                context.gop_size = max(1, round(2 * float(rate)))  # a keyframe every 2 s
+            self._matrix = None  # the colour matrix RGB is converted with, for YUV output
+            if not av.VideoFormat(self.pix_fmt).is_rgb:
+                tagged = not (codec == "rawvideo" and fmt in UNTAGGED)
+                self._matrix = "ITU709" if tagged else "ITU601"  # what readers assume when untagged
+                if tagged:  # BT.709, limited range, said in the stream and the container
+                    context.colorspace = context.color_primaries = context.color_trc = 1
                 context.color_range = 1
-            self.container.start_encoding()  # opens the file and the encoder, writes the header
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-            self._abandon()
-            raise SinkError(f"cannot write {target}: {_reason(err)}") from None
+            self.container.start_encoding()  # opens the encoder, writes the header
         except Exception as err:
             self._abandon()
-            raise SinkError(f"cannot encode with {codec} {opts or ''}: {_reason(err)}") from None
-        self.frames_written = 0
+            if isinstance(err, OSError) and not isinstance(err, av.error.FFmpegError):
+                raise SinkError(f"cannot write {self.name}: {_reason(err)}") from None
+            settings = f" ({', '.join(f'{k} {v}' for k, v in opts.items())})" if opts else ""
+            raise SinkError(f"cannot encode with {codec}{settings} at {width}x{height}: {_reason(err)}") from None
+        self._header_bytes = self.file.write_path.stat().st_size if self.file else 0
 
     def write(self, frame: np.ndarray) -> None:
+        width, height = self.size
+        if not isinstance(frame, np.ndarray) or frame.shape != (height, width, 3) or frame.dtype != np.uint8:
+            got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise SinkError(f"frame is {got}, but this video takes uint8 ({height}, {width}, 3) RGB frames")
         video = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        if self._yuv:
-            video = video.reformat(format=self.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
-        for packet in self.stream.encode(video):
-            self.container.mux(packet)
+        if self._matrix is not None:
+            video = video.reformat(format=self.pix_fmt, dst_colorspace=self._matrix, dst_color_range="MPEG")
+        try:
+            for packet in self.stream.encode(video):
+                self.container.mux(packet)
+        except OSError as err:
+            if err.errno == errno.EPIPE:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe") from None  # the reader has gone: not a failure
+            raise SinkError(f"cannot write {self.name} after {self.frames_written} frames: {_reason(err)}") from None
         self.frames_written += 1
+        if self.file is not None and not self.file.committed and self.file.holds_data(self._header_bytes):
+            self.file.commit()
 
     def close(self) -> None:
-        """Flush the encoder and finish the container; a pipe that is gone ends it quietly."""
+        """Flush the encoder and finish the container; a pipe that is gone ends it quietly. A file
+        with no frame is removed (only one streamdec created)."""
         try:
             for packet in self.stream.encode():
                 self.container.mux(packet)
         finally:
-            self.container.close()
+            try:
+                self.container.close()
+            finally:
+                if self.file is not None and self.frames_written:
+                    self.file.commit()
+                self._discard()
 
     def _abandon(self) -> None:
-        """Close without any frame and remove the file: nothing was asked to be kept."""
+        """Close without any frame and remove what was created: nothing was asked to be kept."""
         try:
             self.container.close()
         except Exception:
             pass
-        if self.target is not None:
-            Path(self.target).unlink(missing_ok=True)
+        self._discard()
+
+    def _discard(self) -> None:
+        if self.file is not None:
+            self.file.discard()
 
 
 class RawSink:
-    """Bare rgb24 frames, one after another, on a binary stream."""
+    """Bare rgb24 frames, one after another, on a binary stream (or a file, made by `open_sink`)."""
 
-    def __init__(self, stream: BinaryIO, owned: bool = False):
+    def __init__(self, stream: BinaryIO, file: OutputFile | None = None):
         self.stream = stream
-        self.owned = owned  # opened by us from a path: closed by us
+        self.file = file  # the file streamdec opened, closed by it
         self.frames_written = 0
 
     def write(self, frame: np.ndarray) -> None:
-        self.stream.write(np.ascontiguousarray(frame).data)
+        try:
+            self.stream.write(np.ascontiguousarray(frame).data)
+            if self.file is not None:
+                self.stream.flush()
+        except OSError as err:
+            if err.errno == errno.EPIPE:
+                raise
+            where = self.file.path if self.file is not None else "the output stream"
+            raise SinkError(f"cannot write {where} after {self.frames_written} frames: {_reason(err)}") from None
         self.frames_written += 1
+        if self.file is not None:
+            self.file.commit()
 
     def close(self) -> None:
-        self.stream.flush()
-        if self.owned:
-            self.stream.close()
+        try:
+            self.stream.flush()
+        finally:
+            if self.file is not None:
+                self.stream.close()
+                self.file.discard()  # if no frame came
 
 
 def open_sink(target: str | os.PathLike | BinaryIO, width: int, height: int, fps: float = 16,
               format: str | None = None, **encoder):  # fmt: skip
     """A sink for `target`: RawSink for format "rgb24", else a VideoSink (encoder settings in `encoder`)."""
     if format is not None and format.lower() == "rgb24":
-        _rate(fps)
+        frame_rate(fps)
         if isinstance(target, (str, os.PathLike)):
+            file = OutputFile(target)
             try:
-                return RawSink(open(target, "wb"), owned=True)
+                return RawSink(open(file.write_path, "wb"), file)
             except OSError as err:
+                file.discard()
                 raise SinkError(f"cannot write {target}: {_reason(err)}") from None
         return RawSink(target)
     return VideoSink(target, width, height, fps, format=format, **encoder)
@@ -247,15 +371,57 @@ class FrameWriter:
             pass
 
 
-def _rate(fps: float):
-    from fractions import Fraction
-
-    if fps <= 0:
-        raise SinkError(f"fps must be positive, not {fps}")
+def frame_rate(fps) -> Fraction:
+    """`fps` as the exact rational rate written into the file (23.976 -> 24000/1001)."""
+    low, high = FPS_RANGE
+    try:
+        ok = not isinstance(fps, bool) and math.isfinite(fps) and low <= fps <= high
+    except TypeError:
+        ok = False
+    if not ok:
+        raise SinkError(f"fps must be positive, from {low:g} to {high:g} frames a second (like 16, 24 or 23.976), not {fps!r}")
+    for whole in NTSC_RATES:  # 23.976 means 24000/1001, as everyone writes it
+        if abs(fps - whole * 1000 / 1001) < 0.0015:
+            return Fraction(whole * 1000, 1001)
     return Fraction(fps).limit_denominator(1001)
 
 
+def _video_encoder_formats(codec: str) -> list[str]:
+    """The pixel formats `codec` encodes, after checking it is a video encoder FFmpeg has."""
+    hint = "try libx264, libx265, libsvtav1, ffv1 or libx264rgb"
+    try:
+        encoder = av.codec.Codec(codec, "w")
+    except (av.codec.codec.UnknownCodecError, ValueError):
+        raise SinkError(f"unknown video encoder {codec!r}; {hint}") from None
+    if encoder.type != "video":
+        raise SinkError(f"{codec} is an {encoder.type} encoder, not a video one; {hint}")
+    return [f.name for f in encoder.video_formats or []]
+
+
+def _check_frame_size(pix_fmt: str, width: int, height: int) -> None:
+    """Chroma-subsampled formats (4:2:0, 4:2:2) need a size their chroma planes divide."""
+    planes = av.VideoFormat(pix_fmt, 64, 64).components
+    if len(planes) < 3:  # gray, or packed RGB
+        return
+    fw, fh = 64 // planes[1].width, 64 // planes[1].height
+    if width % fw or height % fh:
+        raise SinkError(f"{pix_fmt} needs a frame size divisible by {fw}x{fh}, not {width}x{height}; "
+                        "use the yuv444p pixel format (or rgb24 / bgr0 with libx264rgb / ffv1)")  # fmt: skip
+
+
+def _check_crf(codec: str, crf) -> str:
+    if codec not in CRF_RANGES:
+        raise SinkError(f"crf does not apply to {codec} (it is lossless or takes other settings); drop it")
+    low, high = CRF_RANGES[codec]
+    if isinstance(crf, bool) or not isinstance(crf, (int, float)) or not low <= crf <= high:
+        raise SinkError(f"crf for {codec} must be from {low} to {high} (lower is better), not {crf!r}")
+    return str(crf)
+
+
 def _reason(err: Exception) -> str:
+    ffmpeg_said = re.search(r"last error log: \[[^\]]*\] (.+)", str(err))  # when PyAV's logging is on
+    if ffmpeg_said:
+        return ffmpeg_said.group(1).strip()
     if isinstance(err, PermissionError):
         return "permission denied"
     if isinstance(err, FileNotFoundError):

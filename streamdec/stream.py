@@ -10,11 +10,9 @@ handed out.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import deque
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -176,17 +174,21 @@ def _hand_out(frames: list) -> Iterator:
         yield pending.popleft()
 
 
-def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None = None, crf: int | None = None,
+def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None = None, crf: float | None = None,
                    preset: str | None = None, pix_fmt: str | None = None, format: str | None = None,
                    normalized: bool = True, progress: bool = True, options: dict | None = None,
-                   tile="auto", max_vram: float | None = None) -> int:  # fmt: skip
+                   tile="auto", max_vram: float | None = None, low_latency: bool = False) -> int:  # fmt: skip
     """Decode `latents` straight into a video file (or a binary stream such as stdout).
 
     Frames go from the decoder through a bounded queue to a writer thread that encodes them
     with PyAV as they arrive. The container follows the extension or `format` (mp4, mkv, webm,
     mov, nut, y4m; rgb24 for raw bytes); `codec` defaults to libx264 (libsvtav1 for webm).
-    `options` pass straight to the encoder; `tile`, `max_vram`: see StreamDecoder. On an error or
-    Ctrl-C the file is closed cleanly with every frame decoded so far. Returns the number of frames
+    `options` pass straight to the encoder; `low_latency`: the encoder holds no frames back (see
+    streamdec.sinks); `tile`, `max_vram`: see StreamDecoder.
+
+    An existing file at `path` is replaced once the new one holds a frame; a failure before that
+    leaves it as it was. On an error or Ctrl-C after that, the file is closed cleanly with every
+    frame decoded so far, and the exception carries `frames_written`. Returns the number of frames
     written."""
     from tqdm import tqdm
 
@@ -195,17 +197,17 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
     z, frames = _checked_frames(vae, latents, normalized=normalized, tile=tile, max_vram=max_vram)  # before the file exists
     height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
     sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
-                     pix_fmt=pix_fmt, options=options)  # fmt: skip
-    # on a terminal only: quiet in pipes, logs and with progress=False
-    bar = tqdm(total=vae.frames_for(z.shape[2]), unit="frame", file=sys.stderr, disable=None if progress else True)
+                     pix_fmt=pix_fmt, options=options, low_latency=low_latency)  # fmt: skip
+    # on a terminal only: quiet in pipes, logs, with progress=False, and when stderr is closed
+    shown = None if progress and sys.stderr is not None else True
+    bar = tqdm(total=vae.frames_for(z.shape[2]), unit="frame", file=sys.stderr, disable=shown)
     try:
         with FrameWriter(sink) as writer:
             for frame in frames:
                 writer.put(frame)
                 bar.update()
-    except BaseException:
-        if sink.frames_written == 0 and isinstance(path, (str, os.PathLike)):
-            Path(path).unlink(missing_ok=True)  # an empty file is no result: leave none
+    except BaseException as err:
+        err.frames_written = sink.frames_written  # what the file holds, for the caller to say
         raise
     finally:
         bar.close()

@@ -32,6 +32,8 @@ def resolve_device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise StreamdecError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise StreamdecError(f"streamdec decodes on cpu or cuda, not {device}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamdecError(f"device {device} asked for, but this machine has no CUDA GPU (or torch has no CUDA build)")
     return device

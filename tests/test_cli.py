@@ -276,3 +276,12 @@ def test_offload_modes_from_the_command_line(files, tmp_path, expected_frames, m
     assert main(["decode", str(files["npy"]), "--vae", str(files["vae"]), "-o", str(out), "--codec", "ffv1",
                  "--offload", mode, "--quiet"]) == 0  # fmt: skip
     assert all(np.array_equal(a, b) for a, b in zip(decoded(out), expected_frames))
+
+
+def test_out_of_memory_says_what_to_try(files, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(streamdec.stream, "decode_to_file", out_of_memory)
+    code = main(["decode", str(files["npy"]), "--vae", str(files["vae"]), "-o", str(tmp_path / "o.mp4")])
+    assert_clean_error(capsys, code, "the device ran out of memory (CUDA out of memory.", "try --max-vram GIB")

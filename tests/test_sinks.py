@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import time
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -166,3 +169,142 @@ def test_writer_error_reaches_the_producer():
 def test_unwritable_target(tmp_path):
     with pytest.raises(SinkError, match="cannot write .*: its folder does not exist"):
         VideoSink(tmp_path / "missing" / "v.mp4", 64, 48)
+
+
+# ---------------------------------------------------------------------------- colour
+
+
+BARS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 255, 255], [255, 0, 255], [255, 255, 0],
+                 [255, 255, 255], [0, 0, 0], [128, 64, 32], [30, 200, 120]], np.uint8)  # fmt: skip
+CHART = np.repeat(np.repeat(BARS[None], 16, axis=1), 48, axis=0)  # 48 x 160: ten bars of 16 pixels
+PIPES = [("y4m", "rawvideo"), ("nut", "libx264"), ("nut", "rawvideo"), ("matroska", "libx264"),
+         ("matroska", "rawvideo"), ("mp4", "libx264")]  # fmt: skip
+
+
+def chart_through(fmt: str, codec: str) -> bytes:
+    buffer = io.BytesIO()
+    sink = VideoSink(buffer, 160, 48, format=fmt, codec=codec)
+    for _ in range(3):
+        sink.write(CHART)
+    sink.close()
+    return buffer.getvalue()
+
+
+def bar_error(frame: np.ndarray) -> int:
+    """The largest error at the bars' centres (away from chroma subsampling at their edges)."""
+    return int(np.abs(frame[24, 8::16].astype(int) - BARS.astype(int)).max())
+
+
+@pytest.mark.parametrize("fmt, codec", PIPES)
+def test_saturated_colours_read_back_right_with_the_readers_defaults(fmt, codec):
+    data = chart_through(fmt, codec)
+    back = read_back(io.BytesIO(data), format="yuv4mpegpipe" if fmt == "y4m" else fmt)
+    assert len(back) == 3 and all(bar_error(f) <= 3 for f in back)
+
+
+def test_the_chart_would_show_a_wrong_colour_matrix():
+    """Not vacuous: y4m written with BT.709, which it cannot say, reads back visibly wrong."""
+    buffer = io.BytesIO()
+    sink = VideoSink(buffer, 160, 48, format="y4m")
+    sink._matrix = "ITU709"
+    sink.write(CHART)
+    sink.close()
+    assert bar_error(read_back(io.BytesIO(buffer.getvalue()), format="yuv4mpegpipe")[0]) > 15
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg (apt-get install ffmpeg)")
+def test_piped_into_ffmpeg_the_colours_survive(tmp_path):
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run(["ffmpeg", "-v", "error", "-i", "-", str(out)], input=chart_through("y4m", "rawvideo"),
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    with av.open(str(out)) as container:
+        frames = list(container.decode(video=0))
+    # y4m cannot carry a matrix: ffmpeg writes the file untagged, which every reader takes as BT.601
+    assert frames[0].colorspace in (2, 5, 6)  # unspecified, BT.470BG, SMPTE 170M: all BT.601
+    assert all(bar_error(f.to_ndarray(format="rgb24")) <= 3 for f in frames)
+
+
+def test_frames_of_the_wrong_size_are_refused(tmp_path):
+    sink = VideoSink(tmp_path / "v.mkv", 64, 48, codec="ffv1")
+    with pytest.raises(SinkError, match=r"frame is uint8 \(48, 32, 3\), but this video takes uint8 \(48, 64, 3\)"):
+        sink.write(np.zeros((48, 32, 3), np.uint8))
+    with pytest.raises(SinkError, match="frame is float32"):
+        sink.write(np.zeros((48, 64, 3), np.float32))
+    sink.write(np.zeros((48, 64, 3), np.uint8))
+    sink.close()
+    assert len(read_back(tmp_path / "v.mkv")) == 1
+
+
+def test_odd_sizes_need_a_format_that_takes_them(tmp_path):
+    with pytest.raises(SinkError, match=r"yuv420p needs a frame size divisible by 2x2, not 63x48; use the yuv444p"):
+        VideoSink(tmp_path / "v.mkv", 63, 48)
+    assert not (tmp_path / "v.mkv").exists()
+    sink = VideoSink(tmp_path / "v.mkv", 63, 47, pix_fmt="yuv444p")  # no complaint, no advice to use itself
+    sink.write(np.zeros((47, 63, 3), np.uint8))
+    sink.close()
+    assert len(read_back(tmp_path / "v.mkv")) == 1
+
+
+def test_an_existing_file_is_replaced_only_once_a_frame_is_in_it(tmp_path):
+    path = tmp_path / "v.mkv"
+    path.write_bytes(b"precious")
+    sink = VideoSink(path, 64, 48, codec="ffv1")
+    assert path.read_bytes() == b"precious"  # the header went to a file beside it
+    sink.write(np.zeros((48, 64, 3), np.uint8))
+    sink.write(np.zeros((48, 64, 3), np.uint8))  # Matroska writes a frame's cluster when the next comes
+    assert path.read_bytes() != b"precious" and not list(tmp_path.glob(".*.partial"))
+    sink.close()
+    assert len(read_back(path)) == 2
+
+
+def test_a_failure_before_any_frame_keeps_the_old_file(tmp_path):
+    class FullDisk:
+        def encode(self, frame=None):
+            raise OSError(28, "No space left on device")
+
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"precious")
+    sink = VideoSink(path, 64, 48)
+    sink.stream = FullDisk()
+    with pytest.raises(SinkError, match="cannot write .* after 0 frames: No space left on device"):
+        sink.write(np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(OSError):
+        sink.close()
+    assert path.read_bytes() == b"precious" and not list(tmp_path.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("fps", [0.0001, float("inf"), float("nan"), -2, 5000, "16"])
+def test_frame_rates_that_cannot_be_written(tmp_path, fps):
+    with pytest.raises(SinkError, match="fps must be positive, from 0.01 to 1000"):
+        VideoSink(tmp_path / "v.mp4", 64, 48, fps=fps)
+    assert not list(tmp_path.iterdir())
+
+
+def test_frame_rates_are_written_exactly(tmp_path):
+    for fps, rate in [(23.976, Fraction(24000, 1001)), (0.5, Fraction(1, 2)), (16, Fraction(16))]:
+        sink = VideoSink(tmp_path / "v.nut", 64, 48, fps=fps, codec="ffv1")
+        for _ in range(3):
+            sink.write(np.zeros((48, 64, 3), np.uint8))
+        sink.close()
+        with av.open(str(tmp_path / "v.nut")) as container:
+            assert container.streams.video[0].average_rate == rate
+        (tmp_path / "v.nut").unlink()
+
+
+@pytest.mark.parametrize("codec, crf, message", [("libx264", 99, "from 0 to 51"), ("libx264", -1, "from 0 to 51"),
+                                                 ("libsvtav1", 0, "from 1 to 63"), ("ffv1", 10, "does not apply")])  # fmt: skip
+def test_crf_out_of_range(tmp_path, codec, crf, message):
+    with pytest.raises(SinkError, match=message):
+        VideoSink(tmp_path / "v.mkv", 64, 48, codec=codec, crf=crf)
+
+
+def test_a_frame_too_large_to_encode_is_named_with_its_size():
+    with pytest.raises(SinkError, match=r"cannot encode with libx264 .*at 40000x30000: "):
+        VideoSink(io.BytesIO(), 40000, 30000, format="matroska")
+
+
+def test_an_audio_encoder_is_not_a_video_one(tmp_path):
+    with pytest.raises(SinkError, match="aac is an audio encoder, not a video one; try libx264"):
+        VideoSink(tmp_path / "v.mp4", 64, 48, codec="aac")
+    assert not list(tmp_path.iterdir())
