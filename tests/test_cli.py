@@ -140,7 +140,8 @@ def test_killed_process_leaves_a_playable_mp4(files, tmp_path):
 def test_ctrl_c_closes_the_file_cleanly(files, tmp_path):
     out = tmp_path / "interrupted.mkv"
     proc = subprocess.Popen([sys.executable, "-m", "streamdec", "decode", str(files["long"]), "--vae", str(files["vae"]),
-                             "-o", str(out), "--codec", "ffv1"], stderr=subprocess.PIPE)  # fmt: skip
+                             "-o", str(out), "--codec", "ffv1"], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     wait_for(lambda: out.exists() and out.stat().st_size > 200_000)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=60)

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -97,13 +98,19 @@ def play(path: Path) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
+def default_sigint() -> None:
+    """SIGINT as a terminal delivers it, even when the tests run where it is ignored (a background
+    job, nohup): an ignored signal stays ignored in every program started below."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_row(row: dict, env: dict) -> tuple[int, str]:
     """Run the row's command; its exit status and stderr."""
     command = row["command"]
     if SHELL.search(command):
         bash_env = {**os.environ, **env, "SD": f"{shlex.quote(sys.executable)} -m streamdec"}
         proc = subprocess.run(["bash", "-c", PRELUDE + command], env=bash_env, capture_output=True,
-                              timeout=300, cwd=env["DIR"])  # fmt: skip
+                              timeout=300, cwd=env["DIR"], preexec_fn=default_sigint)  # fmt: skip
         # bash's own reports on its jobs ("[1]+ Exit 143 ...", "bash: line 6: 2207 Killed ...")
         job_notices = re.compile(r"^(\[\d+\][+-]? |bash: line \d+: +\d+ ).*$\n?", re.MULTILINE)
         return proc.returncode, job_notices.sub("", proc.stderr.decode())
