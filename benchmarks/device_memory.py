@@ -87,7 +87,7 @@ def measure(dtype: torch.dtype) -> list[dict]:
             add(f"streamdec {'untiled' if tile is None else f'tile {tile}'}, any length", size_name, peak,
                 time.perf_counter() - start, tile=tile)  # fmt: skip
         for budget in BUDGETS:
-            vae.max_vram, vae.offload_request = budget, "auto"
+            vae.max_vram, vae.offload = budget, "auto"
             start = time.perf_counter()
             try:
                 plan = memory.plan_decode(vae, size)

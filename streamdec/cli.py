@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -84,51 +85,93 @@ def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None
     p.add_argument("--dtype", default="fp32", help="fp32 (default, exact), bf16 or fp16")
     p.add_argument("--tile", type=_tile_arg, default="auto",
                    help="decode in spatial tiles of N or HxW latent pixels (same output, less memory), "
-                        "none, or auto (default: what --max-vram needs, else untiled)")  # fmt: skip
+                        "blended[:OVERLAP] (the reference's enable_tiling(), where it has one), none, or auto "
+                        "(default: what --max-vram needs, else untiled)")  # fmt: skip
     if offload:
         p.add_argument("--offload", choices=["none", "model", "block", "auto"],
                        help="weights on the device (none, the default), there while a chunk decodes (model), "
                             "per block with prefetch (block), or what --max-vram needs (auto, its default)")  # fmt: skip
         p.add_argument("--max-vram", type=_gib_arg, metavar="GIB",
                        help="device memory the decode may peak at, in GiB: offload and tiles are chosen to fit")
+    p.add_argument("--frames-per-call", type=_positive_int, default=1, metavar="N",
+                   help="latent frames per decoder call (default 1): faster for small frames, same output, "
+                        "activations grow with N")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     _reopen_closed_std_fds()
-    previous = _on_sigterm(_terminate)
+    signals = _Signals()
     target = None
     try:
-        args = build_parser().parse_args(argv)
-        if args.command in ("decode", "demo"):
-            target = _output_target(args.output, args.overwrite)
+        with signals:
+            args = build_parser().parse_args(argv)
+            if args.command in ("decode", "demo"):
+                target = _output_target(args.output, args.overwrite)
+            with signals.deferred():  # a C extension interrupted in its import can abort the process
+                import torch  # noqa: F401
+
+                from . import checkpoints, latents, stream  # noqa: F401
             _route_ffmpeg_logs()
-        return {"decode": run_decode, "info": run_info, "demo": run_demo}[args.command](args, target)
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
-        terminated = isinstance(err, Terminated)
+            return {"decode": run_decode, "info": run_info, "demo": run_demo}[args.command](args, target)
+    except BaseException as err:
+        stopped = signals.received  # whatever the signal surfaced as (a library may wrap or lose it)
+        if stopped is None and not isinstance(err, KeyboardInterrupt):
+            if isinstance(err, BrokenPipeError) or (isinstance(err, OSError) and _is_broken_pipe(err)):
+                return _pipe_closed()
+            if isinstance(err, (ValueError, OSError, RuntimeError)):  # StreamdecError is a ValueError
+                if _is_broken_pipe(err):
+                    return _pipe_closed()
+                _say(f"error: {_explained(err)}{_what_was_kept(err, target)}")
+                return EXIT_ERROR
+            raise
+        terminated = stopped == signal.SIGTERM or isinstance(err, Terminated)
         _say(f"{'terminated' if terminated else 'interrupted'}{_what_was_kept(err, target)}")
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return _pipe_closed()
-    except (ValueError, OSError, RuntimeError) as err:  # StreamdecError is a ValueError
-        if _is_broken_pipe(err):
-            return _pipe_closed()
-        _say(f"error: {_explained(err)}{_what_was_kept(err, target)}")
-        return EXIT_ERROR
-    finally:
-        _on_sigterm(previous)
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class _Signals:
+    """While active: SIGTERM stops the run as Ctrl-C does (raising Terminated), and the signal that
+    stopped it is remembered, so it is reported as such even where a library it interrupted (an
+    import half done) turned it into another error. A SIGINT that was ignored when streamdec
+    started (a background job, nohup) stays ignored. Outside the main thread nothing changes."""
 
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+        self.deferring = False
 
-def _on_sigterm(handler):
-    """Set the SIGTERM handler and return the one before; outside the main thread (main() called
-    from a worker thread) signals cannot be handled, and nothing changes."""
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        return handler
+    def _stop(self, signum, frame):
+        self.received = signum
+        if not self.deferring:
+            self._raise()
+
+    def _raise(self):
+        raise Terminated() if self.received == signal.SIGTERM else KeyboardInterrupt()
+
+    @contextmanager
+    def deferred(self):
+        """Hold a signal back until the block ends, then stop."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.received is not None:
+            self._raise()
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            try:
+                self.previous[signum] = signal.signal(signum, self._stop)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _route_ffmpeg_logs() -> None:
@@ -192,12 +235,12 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
         from .memory import plan_decode
 
         z = as_latents(latents, vae.latent_channels)
-        plan = plan_decode(vae, tuple(z.shape[-2:]), z.shape[2], tile=args.tile)
+        plan = plan_decode(vae, tuple(z.shape[-2:]), z.shape[2], tile=args.tile, frames_per_call=args.frames_per_call)
         _say(f"max-vram {vae.max_vram:g} GiB: {plan.describe()}")
     written = decode_to_file(
         vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
         pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet, tile=args.tile,
-        low_latency=args.low_latency,
+        low_latency=args.low_latency, frames_per_call=args.frames_per_call,
     )  # fmt: skip
     if not args.quiet and not to_stdout:
         h, w = (s * vae.spatial_ratio for s in latents.shape[-2:])
@@ -208,6 +251,13 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
 def _tile_arg(text: str):
     if text.lower() in ("auto", "none"):
         return None if text.lower() == "none" else "auto"
+    if text.lower().startswith("blended"):
+        from .tiling import parse_tile
+
+        try:
+            return parse_tile(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected blended or blended:OVERLAP, like blended:0.125, not {text!r}") from None
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
@@ -215,6 +265,16 @@ def _tile_arg(text: str):
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected N or HxW latent pixels, like 32 or 24x40, auto or none, not {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, not {text!r}")
+    return value
 
 
 def _gib_arg(text: str) -> float:

@@ -36,11 +36,11 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel, padding=conv_pad)
         self.past_frames = kernel[0] - 1
         self.time_pad = time_pad
-        self.border = (pad[2], pad[2], pad[1], pad[1]) if spatial_pad == "replicate" and any(pad[1:]) else None
+        self.border = (pad[2], pad[2], pad[1], pad[1], 0, 0) if spatial_pad == "replicate" and any(pad[1:]) else None
 
     def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
         if state is None and self.border is not None and self.time_pad == "replicate":
-            x = F.pad(x, (*self.border, self.past_frames, 0), mode="replicate")  # one copy for both pads
+            x = F.pad(x, (*self.border[:4], self.past_frames, 0), mode="replicate")  # one copy for both pads
         else:
             if state is not None and self.past_frames:
                 x = state.with_history(self, x, self.past_frames, first=self.time_pad)

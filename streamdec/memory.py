@@ -118,20 +118,20 @@ def _rest_params(vae, block) -> list[torch.Tensor]:
 
 
 def estimate_peak(vae, latent_size: tuple[int, int], latent_frames: int | None = None, offload: str = "none",
-                  tile=None, park: bool | None = None) -> int:  # fmt: skip
+                  tile=None, park: bool | None = None, frames_per_call: int = 1) -> int:  # fmt: skip
     """Device bytes at the peak of decoding `latent_frames` latent frames (default: enough to reach
     the steady state) of `latent_size` with these settings: weights plus the caches, activations
-    and output of a run on the meta device. `park`: tile caches wait on the host between their
-    turns (what happens off the CPU; the default there)."""
-    return weight_bytes(vae, offload) + _traced_peak(vae, tuple(latent_size), latent_frames, tile, park)
+    and output of a run on the meta device. `park`: tile caches and kept keys wait on the host
+    between uses (what happens off the CPU; the default there)."""
+    return weight_bytes(vae, offload) + _traced_peak(vae, tuple(latent_size), latent_frames, tile, park, frames_per_call)
 
 
-def _traced_peak(vae, latent_size, latent_frames, tile, park) -> int:
+def _traced_peak(vae, latent_size, latent_frames, tile, park, frames_per_call: int = 1) -> int:
     family = vae.family_spec
     park = parks_caches(vae.device) if park is None else park
     tile = family.effective_tile(tile)
     # parked tiles of one shape need the same memory: decoding one of each shape gives the peak
-    plan = Plan(tile=tile, park_tiles=park, sample_tiles=park and tile is not None)
+    plan = Plan(tile=tile, park=park, sample_tiles=park and tile is not None, frames_per_call=frames_per_call)
     with torch.device("meta"):
         decoder = family.build(vae.config)
     decoder = decoder.to(vae.dtype).eval().requires_grad_(False)
@@ -139,16 +139,19 @@ def _traced_peak(vae, latent_size, latent_frames, tile, park) -> int:
     trace = MemoryTrace(device="meta")
     with torch.inference_mode(), trace:
         stream = family.open_stream(decoder, plan)
-        z = torch.empty((1, vae.latent_channels, 1, *latent_size), device="meta")
-        for _ in range(_frames_to_trace(vae, latent_frames)):  # one latent frame per push, as decode_frames does
+        frames = _frames_to_trace(vae, latent_frames, frames_per_call)
+        for start in range(0, frames, frames_per_call):  # pushes as decode_frames makes them
+            z = torch.empty((1, vae.latent_channels, min(frames_per_call, frames - start), *latent_size), device="meta")
             _hand_over(stream.push(meta.prepare(z, normalized=True)))
+            del z
         _hand_over(stream.close())
     return trace.peak
 
 
-def _frames_to_trace(vae, latent_frames: int | None) -> int:
-    """Latent frames an estimate decodes: the video's, up to the family's steady state."""
-    steady = vae.family_spec.steady_latents
+def _frames_to_trace(vae, latent_frames: int | None, frames_per_call: int = 1) -> int:
+    """Latent frames an estimate decodes: the video's, up to the family's steady state (that many
+    decoder calls)."""
+    steady = vae.family_spec.steady_latents * frames_per_call
     return steady if latent_frames is None else min(latent_frames, steady)
 
 
@@ -171,29 +174,31 @@ def tile_choices(vae, latent_size: tuple[int, int]) -> list:
 
 
 def plan_decode(vae, latent_size: tuple[int, int], latent_frames: int | None = None, tile="auto",
-                max_vram: float | None = None) -> Plan:  # fmt: skip
+                max_vram: float | None = None, frames_per_call: int = 1) -> Plan:  # fmt: skip
     """The fastest settings whose estimated peak fits `max_vram` (default: the VAE's) less the
     margin: weights on the device before block offload (prefetched, it costs little), untiled before
     tiled (tiles recompute their halos), large tiles before small. A `tile` other than "auto" and an
     offload mode named at load are kept. Raises BudgetError naming the smallest budget that would do."""
     max_vram = vae.max_vram if max_vram is None else max_vram
     latent_size = tuple(int(s) for s in latent_size)
-    key = (latent_size, _frames_to_trace(vae, latent_frames), tile, max_vram, vae.offload)
+    key = (latent_size, _frames_to_trace(vae, latent_frames, frames_per_call), tile, max_vram, vae.offload, frames_per_call)
     if key not in vae.plans:  # videos of one size are common: plan each size once
-        vae.plans[key] = _plan(vae, latent_size, latent_frames, tile, max_vram)
+        vae.plans[key] = _plan(vae, latent_size, latent_frames, tile, max_vram, frames_per_call)
     return vae.plans[key]
 
 
-def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile, max_vram: float) -> Plan:
+def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile, max_vram: float,
+          frames_per_call: int) -> Plan:  # fmt: skip
     usable = max_vram * GIB * PLAN_MARGIN
     offloads = ("none", "block") if vae.offload == "auto" else (vae.offload,)
     tiles = tile_choices(vae, latent_size) if tile == "auto" else [vae.family_spec.effective_tile(tile)]
     park = parks_caches(vae.device)
     tried = []
     for choice in tiles:
-        traced = _traced_peak(vae, latent_size, latent_frames, choice, None)
+        traced = _traced_peak(vae, latent_size, latent_frames, choice, None, frames_per_call)
         for offload in offloads:
-            plan = Plan(offload, choice, park, peak_bytes=traced + weight_bytes(vae, offload))
+            plan = Plan(offload, choice, park, frames_per_call=frames_per_call,
+                        peak_bytes=traced + weight_bytes(vae, offload))  # fmt: skip
             if plan.peak_bytes <= usable:
                 return plan
             tried.append(plan)

@@ -10,20 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tiling import Blended
+
 GIB = 2**30
 
 
 @dataclass(frozen=True)
 class Plan:
     offload: str = "none"  # "none", "model" or "block": which weights are on the device during a chunk
-    tile: tuple[int, int] | None = None  # spatial tiles in latent pixels (height, width); None: untiled
-    park_tiles: bool = False  # tiles' caches wait in (pinned) host memory between turns: off the CPU
+    tile: tuple[int, int] | Blended | None = None  # tiles in latent pixels (height, width), the reference's; None: none
+    # state that waits in (pinned) host memory between uses, off the CPU: tile caches, attention keys
+    park: bool = False
+    # latent frames per decoder call (carried streams): more is faster where frames are small, and
+    # activations grow with it
+    frames_per_call: int = 1
     # Decode only the first tile of each shape, leaving the rest of the frame unwritten. Only memory
     # estimates set it: with parked caches, tiles of one shape need the same memory.
     sample_tiles: bool = False
     peak_bytes: int | None = None  # the estimated device peak, weights included, where a budget was planned for
 
     def describe(self) -> str:
-        tiles = "untiled" if self.tile is None else f"tiles of {self.tile[0]}x{self.tile[1]} latent pixels"
+        if isinstance(self.tile, Blended):
+            tiles = self.tile.describe()
+        else:
+            tiles = "untiled" if self.tile is None else f"tiles of {self.tile[0]}x{self.tile[1]} latent pixels"
         peak = "" if self.peak_bytes is None else f", about {self.peak_bytes / GIB:.2f} GiB"
-        return f"offload {self.offload}, {tiles}{peak}"
+        calls = "" if self.frames_per_call == 1 else f", {self.frames_per_call} latent frames a call"
+        return f"offload {self.offload}, {tiles}{calls}{peak}"

@@ -9,6 +9,9 @@ stream lives here, keyed by the module that owns it:
   layers that treat that frame specially (Wan's temporal upsampler lets it pass through).
 - `ahead`: frames a branch produced before the branch it joins could use them (WF-VAE's
   wavelet branches run half a latent frame ahead of its delayed main path); a frame or two.
+- `kept`: what a layer keeps of every frame so far, block by block (the keys and values of a
+  frame-causal attention, HunyuanVideo-1.5's): the one state that grows with the video. With
+  `park` (off the CPU) the blocks wait in pinned host memory and visit the device one at a time.
 
 A decoder works on one StreamState per independent stream; spatial tiling keeps a child state
 per tile (`tile(key)`), since each tile's layers see only that tile's past.
@@ -16,16 +19,20 @@ per tile (`tile(key)`), since each tile's layers see only that tile's past.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class StreamState:
-    def __init__(self) -> None:
+    def __init__(self, park: bool = False) -> None:
+        self.park = park
         self.history: dict[nn.Module, torch.Tensor] = {}
         self.started: set[nn.Module] = set()
         self.ahead: dict[nn.Module, torch.Tensor] = {}
+        self.kept: dict[nn.Module, list[tuple[torch.Tensor, ...]]] = {}
         self.tiles: dict[tuple, StreamState] = {}
 
     def with_history(self, layer: nn.Module, x: torch.Tensor, frames: int, first: str = "zeros") -> torch.Tensor:
@@ -58,22 +65,35 @@ class StreamState:
         self.ahead[branch] = queued[:, :, wanted:]
         return queued[:, :, :wanted]
 
+    def keep(self, layer: nn.Module, *block: torch.Tensor) -> None:
+        """Keep a block of tensors for `layer` for the rest of the stream (in host memory with `park`)."""
+        if self.park:
+            block = tuple(t.to("cpu", non_blocking=True) for t in block)  # from CUDA: into pinned memory
+        self.kept.setdefault(layer, []).append(block)
+
+    def blocks(self, layer: nn.Module, device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+        """`layer`'s kept blocks in order, each on `device` while it is being used."""
+        for block in self.kept.get(layer, []):
+            yield tuple(t.to(device, non_blocking=True) for t in block)
+
     def tile(self, key: tuple) -> "StreamState":
         """The state of one spatial tile, created empty on first use."""
         if key not in self.tiles:
-            self.tiles[key] = StreamState()
+            self.tiles[key] = StreamState(self.park)
         return self.tiles[key]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "StreamState":
         self.history = {k: v.to(device, non_blocking=non_blocking) for k, v in self.history.items()}
         self.ahead = {k: v.to(device, non_blocking=non_blocking) for k, v in self.ahead.items()}
+        self.kept = {k: [tuple(t.to(device, non_blocking=non_blocking) for t in b) for b in v]
+                     for k, v in self.kept.items()}  # fmt: skip
         for child in self.tiles.values():
             child.to(device, non_blocking)
         return self
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the state holds, its tiles' included."""
-        own = [*self.history.values(), *self.ahead.values()]
+        own = [*self.history.values(), *self.ahead.values(), *(t for v in self.kept.values() for b in v for t in b)]
         return own + [t for child in self.tiles.values() for t in child.tensors()]
 
     def nbytes(self) -> int:

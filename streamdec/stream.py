@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from .errors import StreamdecError
 from .frames import to_host_tensors, to_host_uint8
 from .latents import as_latents
 from .memory import plan_decode
@@ -41,6 +42,9 @@ class StreamDecoder:
     every 7/8 tile. `None`: untiled (CausalVAE: its reference's 64-pixel tiles). `"auto"` (the
     default): what `max_vram` needs, untiled without one.
 
+    `frames_per_call`: latent frames a carried-state decoder takes per call (default 1): more is
+    faster where frames are small, the output is the same, and activations grow with it.
+
     `max_vram` (GiB; default: the VAE's): the device memory this stream may peak at. The first push
     plans the video (offload mode, tiles) to fit it, or refuses with the smallest budget that would
     do; the plan is this stream's own (`plan`), so streams of other sizes and budgets can share the VAE.
@@ -52,12 +56,15 @@ class StreamDecoder:
     """
 
     def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False, tile="auto",
-                 max_vram: float | None = None):  # fmt: skip
+                 max_vram: float | None = None, frames_per_call: int = 1):  # fmt: skip
         self.vae = vae
         self.normalized = normalized
         self.as_tensor = as_tensor
         self.tile = parse_tile(tile)
         self.max_vram = vae.max_vram if max_vram is None else check_max_vram(max_vram)
+        if isinstance(frames_per_call, bool) or not isinstance(frames_per_call, int) or frames_per_call < 1:
+            raise StreamdecError(f"frames_per_call must be a whole number of latent frames, 1 or more, not {frames_per_call!r}")
+        self.frames_per_call = frames_per_call
         if self.tile != "auto":  # refuse a tile the family cannot take now, not at the first push
             vae.family_spec.effective_tile(self.tile)
         self.plan: Plan | None = None  # settled by the first push (or start), once the frame size is known
@@ -71,11 +78,12 @@ class StreamDecoder:
         then the family's stream."""
         vae = self.vae
         if self.max_vram is not None:
-            self.plan = plan_decode(vae, latent_size, latent_frames, tile=self.tile, max_vram=self.max_vram)
+            self.plan = plan_decode(vae, latent_size, latent_frames, tile=self.tile, max_vram=self.max_vram,
+                                    frames_per_call=self.frames_per_call)  # fmt: skip
         else:
             tile = vae.family_spec.effective_tile(None if self.tile == "auto" else self.tile)
             offload = "none" if vae.offload == "auto" else vae.offload
-            self.plan = Plan(offload=offload, tile=tile, park_tiles=parks_caches(vae.device))
+            self.plan = Plan(offload=offload, tile=tile, park=parks_caches(vae.device), frames_per_call=self.frames_per_call)
         self.stream = vae.family_spec.open_stream(vae.decoder, self.plan)
         self._frame_size = tuple(latent_size)
 
@@ -139,16 +147,16 @@ class StreamDecoder:
 
 
 def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False, tile="auto",
-                  max_vram: float | None = None) -> Iterator:  # fmt: skip
+                  max_vram: float | None = None, frames_per_call: int = 1) -> Iterator:  # fmt: skip
     """Decode a whole latent video frame by frame.
 
     `latents`: torch tensor or numpy array, (C, T, h, w) or (1, C, T, h, w). Returns a generator
     of `1 + temporal_ratio * (T - 1)` frames: numpy uint8 (H, W, 3) RGB equal to
     round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
-    [-1, 1]. `tile`, `max_vram`: see StreamDecoder. The latents are checked and the video planned
-    here, before any frame is decoded."""
+    [-1, 1]. `tile`, `max_vram`, `frames_per_call`: see StreamDecoder. The latents are checked and
+    the video planned here, before any frame is decoded."""
     return _checked_frames(vae, latents, normalized=normalized, as_tensor=as_tensor, tile=tile,
-                           max_vram=max_vram)[1]  # fmt: skip
+                           max_vram=max_vram, frames_per_call=frames_per_call)[1]  # fmt: skip
 
 
 def _checked_frames(vae: VAE, latents, **options) -> tuple[torch.Tensor, Iterator]:
@@ -161,9 +169,11 @@ def _checked_frames(vae: VAE, latents, **options) -> tuple[torch.Tensor, Iterato
 
 
 def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
-    """Frames of latents `z` that `as_latents` has already checked."""
-    for t in range(z.shape[2]):
-        yield from _hand_out(stream._host_frames(stream.decode_videos(z[:, :, t : t + 1])))
+    """Frames of latents `z` that `as_latents` has already checked, pushed as many at a time as the
+    decoder takes per call."""
+    step = stream.plan.frames_per_call
+    for t in range(0, z.shape[2], step):
+        yield from _hand_out(stream._host_frames(stream.decode_videos(z[:, :, t : t + step])))
     yield from _hand_out(stream.close())
 
 
@@ -177,14 +187,15 @@ def _hand_out(frames: list) -> Iterator:
 def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None = None, crf: float | None = None,
                    preset: str | None = None, pix_fmt: str | None = None, format: str | None = None,
                    normalized: bool = True, progress: bool = True, options: dict | None = None,
-                   tile="auto", max_vram: float | None = None, low_latency: bool = False) -> int:  # fmt: skip
+                   tile="auto", max_vram: float | None = None, low_latency: bool = False,
+                   frames_per_call: int = 1) -> int:  # fmt: skip
     """Decode `latents` straight into a video file (or a binary stream such as stdout).
 
     Frames go from the decoder through a bounded queue to a writer thread that encodes them
     with PyAV as they arrive. The container follows the extension or `format` (mp4, mkv, webm,
     mov, nut, y4m; rgb24 for raw bytes); `codec` defaults to libx264 (libsvtav1 for webm).
     `options` pass straight to the encoder; `low_latency`: the encoder holds no frames back (see
-    streamdec.sinks); `tile`, `max_vram`: see StreamDecoder.
+    streamdec.sinks); `tile`, `max_vram`, `frames_per_call`: see StreamDecoder.
 
     An existing file at `path` is replaced once the new one holds a frame; a failure before that
     leaves it as it was. On an error or Ctrl-C after that, the file is closed cleanly with every
@@ -194,7 +205,8 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
 
     from .sinks import FrameWriter, open_sink
 
-    z, frames = _checked_frames(vae, latents, normalized=normalized, tile=tile, max_vram=max_vram)  # before the file exists
+    z, frames = _checked_frames(vae, latents, normalized=normalized, tile=tile, max_vram=max_vram,
+                                frames_per_call=frames_per_call)  # before the file exists
     height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
     sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
                      pix_fmt=pix_fmt, options=options, low_latency=low_latency)  # fmt: skip

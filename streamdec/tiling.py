@@ -17,7 +17,10 @@ on the compute stream, so they need no synchronization.
 
 Blended (`BlendedTiles`): the references' `tiled_decode`: tiles every `stride`, each decoded on its
 own and faded linearly into its upper and left neighbours. An approximation of the untiled decode
-(the reference's own), not an exact split.
+(the reference's own), not an exact split. `tile="blended"` (a `Blended` value) asks for the
+reference's `enable_tiling()`, with its tile size and overlap unless given. A causal decoder's
+reference decodes each tile over the whole clip, so each tile streams with its own state
+(`BlendedTiler`) and each chunk's tiles are blended: the reference's tiled decode, streamed.
 """
 
 from __future__ import annotations
@@ -30,16 +33,37 @@ import torch
 from .state import StreamState
 
 
-def parse_tile(tile) -> tuple[int, int] | str | None:
-    """None, "auto", an int, or (height, width), in latent pixels."""
-    if tile is None or tile == "auto":
+@dataclass(frozen=True)
+class Blended:
+    """The reference's blended tiles (its `enable_tiling()`): `size` in latent pixels and `overlap`, the
+    share of a tile shared with its neighbour; None: the reference's own."""
+
+    size: tuple[int, int] | None = None
+    overlap: float | None = None
+
+    def describe(self) -> str:
+        size = "" if self.size is None else f" of {self.size[0]}x{self.size[1]} latent pixels"
+        overlap = "" if self.overlap is None else f", overlap {self.overlap:g}"
+        return f"the reference's blended tiles{size}{overlap}"
+
+
+def parse_tile(tile) -> tuple[int, int] | Blended | str | None:
+    """None, "auto", an int, (height, width) in latent pixels, a Blended, or "blended" / "blended:OVERLAP"."""
+    if tile is None or tile == "auto" or isinstance(tile, Blended):
         return tile
+    if isinstance(tile, str) and tile.lower().startswith("blended"):
+        _, _, overlap = tile.partition(":")
+        try:
+            return Blended(overlap=float(overlap) if overlap else None)
+        except ValueError:
+            pass
     if isinstance(tile, int) and not isinstance(tile, bool):
         tile = (tile, tile)
     if (isinstance(tile, (tuple, list)) and len(tile) == 2 and all(isinstance(t, int) and not isinstance(t, bool)
                                                                      for t in tile) and min(tile) >= 1):  # fmt: skip
         return int(tile[0]), int(tile[1])
-    raise ValueError(f"tile must be a positive number of latent pixels, (height, width), None or 'auto', not {tile!r}")
+    raise ValueError(f"tile must be a positive number of latent pixels, (height, width), 'blended', None or 'auto', "
+                     f"not {tile!r}")  # fmt: skip
 
 
 def tile_spans(size: int, tile: int) -> list[tuple[int, int]]:
@@ -141,17 +165,18 @@ class BlendedTiles:
     ratio: int  # spatial compression
     long_videos: bool = False
 
-    def applies(self, h: int, w: int, long_video: bool) -> bool:
+    def applies(self, h: int, w: int, long_video: bool = False) -> bool:
         return h > self.tile[0] or w > self.tile[1] or (self.long_videos and long_video)
 
-    def decode(self, decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    def decode(self, decode: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """`decode(piece, (y, x))` decodes the tile of latents `piece` that starts at (y, x)."""
         h, w = z.shape[-2:]
         (th, tw), (sh, sw), ratio = self.tile, self.stride, self.ratio
         above, rows = None, []
         for y in range(0, h, sh):
             row = []
             for x in range(0, w, sw):
-                piece = decode(z[..., y : y + th, x : x + tw])
+                piece = decode(z[..., y : y + th, x : x + tw], (y, x))
                 if above is not None:
                     blend(above[len(row)], piece, (th - sh) * ratio, dim=3)
                 if row:
@@ -160,3 +185,17 @@ class BlendedTiles:
             rows.append(torch.cat([p[..., : sh * ratio, : sw * ratio] for p in row], dim=4))
             above = row
         return torch.cat(rows, dim=3)[..., : h * ratio, : w * ratio]
+
+
+class BlendedTiler:
+    """The reference's blended tiles for a carried decoder: each tile streams through the whole
+    decoder with its own state, as the reference decodes each tile over the whole clip, and every
+    chunk's tiles are blended; a frame no larger than a tile is decoded whole."""
+
+    def __init__(self, decoder: Callable[[torch.Tensor, StreamState], torch.Tensor], tiles: BlendedTiles):
+        self.decoder, self.tiles = decoder, tiles
+
+    def decode(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
+        if not self.tiles.applies(*z.shape[-2:]):
+            return self.decoder(z, state)
+        return self.tiles.decode(lambda piece, key: self.decoder(piece, state.tile(key)), z)

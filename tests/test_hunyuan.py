@@ -18,7 +18,9 @@ import streamdec
 from streamdec.checkpoints import CheckpointError
 from streamdec.cli import main
 from streamdec.families.hunyuan import HunyuanConfig, HunyuanDecoder
+from streamdec.plan import Plan
 from streamdec.streams import Windows
+from streamdec.tiling import Blended
 
 from helpers.hunyuan import random_hunyuan
 from helpers.video import assert_equal_video, stream_video
@@ -163,6 +165,14 @@ def test_spatial_tiling_equals_reference_tiling(vae, model, chunks):
     expected = reference(model, z[None] / SCALING, tiling=tiling)
     assert (expected - reference(model, z[None] / SCALING)).abs().max() > 0.01  # tiling does change it
     assert_equal_video(stream_video(vae, z, chunks, tile=4), expected)
+
+
+def test_blended_is_enable_tiling_at_its_defaults(vae):
+    """tile="blended" is diffusers' enable_tiling() as it comes: 256-pixel tiles every 192 (32 latents
+    every 24), the same tiles as tile=32."""
+    blended = vae.family_spec.open_stream(vae.decoder, Plan(tile=vae.family_spec.effective_tile(Blended())))
+    assert (blended.tiles.tile, blended.tiles.stride) == ((32, 32), (24, 24))
+    assert blended.tiles == vae.family_spec.open_stream(vae.decoder, Plan(tile=(32, 32))).tiles
 
 
 @pytest.mark.parametrize("mode", ["model", "block"])

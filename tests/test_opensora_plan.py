@@ -27,6 +27,7 @@ from streamdec.cli import main
 from streamdec.families import Strategy
 from streamdec.plan import Plan
 from streamdec.state import StreamState
+from streamdec.tiling import Blended
 
 from helpers.osp import SEEDS, config_json, official_state_dict, reference, save_layouts
 from helpers.video import TOL, assert_equal_video, stream_video
@@ -102,6 +103,12 @@ def test_wfvae_stream_equals_one_shot_for_any_length(wfvae, length, cuts):
     while sum(chunks) < length:
         chunks.append(min(cuts[len(chunks) % len(cuts)], length - sum(chunks)))
     assert_equal_video(stream_video(wfvae, z, chunks), one_shot)
+
+
+@pytest.mark.parametrize("frames_per_call", [2, 4])
+def test_wfvae_several_latent_frames_per_call(wfvae, frames_per_call):
+    z = reference("wfvae")["latents"][0]
+    assert_equal_video(stream_video(wfvae, z, [6], frames_per_call=frames_per_call), stream_video(wfvae, z, [6]))
 
 
 def test_wfvae_frames_wait_for_the_next_latent_frame(wfvae):
@@ -246,6 +253,11 @@ def test_causalvae_offload_gives_identical_output(layouts, causalvae, mode):
 def test_causalvae_default_tile_is_the_reference_512_pixels(causalvae):
     stream = causalvae.family_spec.open_stream(causalvae.decoder, Plan())
     assert stream.tiles.tile == (64, 64) and stream.tiles.stride == (56, 56)
+
+
+def test_causalvae_blended_is_its_default_tiling(causalvae):
+    stream = causalvae.family_spec.open_stream(causalvae.decoder, Plan(tile=Blended()))
+    assert stream.tiles == causalvae.family_spec.open_stream(causalvae.decoder, Plan()).tiles
 
 
 def test_causalvae_tile_must_fit_the_overlap(causalvae):

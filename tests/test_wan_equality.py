@@ -51,6 +51,19 @@ def test_random_chunkings_equal_diffusers(vae, latents, reference_video, cuts):
     assert_equal_video(stream_video(vae, latents, chunks), reference_video[0])
 
 
+@pytest.mark.parametrize("frames_per_call, chunks", [(2, [5]), (3, [2, 3]), (5, [1, 4]), (8, [5])])
+def test_several_latent_frames_per_call_equal_diffusers(vae, latents, reference_video, frames_per_call, chunks):
+    assert_equal_video(stream_video(vae, latents, chunks, frames_per_call=frames_per_call), reference_video[0])
+    frames = list(streamdec.decode_frames(vae, latents, as_tensor=True, frames_per_call=frames_per_call, tile=(3, 4)))
+    assert_equal_video(torch.stack(frames, dim=1), reference_video[0])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_frames_per_call(vae, bad):
+    with pytest.raises(ValueError, match="frames_per_call must be a whole number of latent frames, 1 or more"):
+        streamdec.StreamDecoder(vae, frames_per_call=bad)
+
+
 def test_chunk_of_batch_shape_and_numpy_chunks(vae, latents, reference_video):
     decoder = streamdec.StreamDecoder(vae, as_tensor=True)
     frames = decoder.push(latents[None, :, :2]) + decoder.push(latents[:, 2:].numpy()) + decoder.close()

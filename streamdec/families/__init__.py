@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import StreamdecError
 from ..plan import Plan
+from ..tiling import Blended, BlendedTiles
 
 
 class LayoutError(StreamdecError):
@@ -49,6 +50,7 @@ class Family(ABC):
     strategy: ClassVar[Strategy]
     tiling: ClassVar[Tiling] = Tiling.NONE
     default_tile: ClassVar[tuple[int, int] | None] = None  # the reference's own tiles, where it always tiles
+    reference_tiles: ClassVar[Blended | None] = None  # the reference's enable_tiling(): size and overlap
     lookahead: ClassVar[int] = 0  # latent frames a carried stream waits for before a latent frame's video is final
 
     @property
@@ -91,12 +93,31 @@ class Family(ABC):
     def open_stream(self, decoder: nn.Module, plan: Plan):
         """A stream (streamdec.streams) that runs `decoder` as `plan` says."""
 
-    def effective_tile(self, tile: tuple[int, int] | None) -> tuple[int, int] | None:
-        """The tiles a stream will use for `tile=` (latent pixels, or None); raises StreamdecError
-        for tiles this family cannot take."""
+    def effective_tile(self, tile: tuple[int, int] | Blended | None) -> tuple[int, int] | Blended | None:
+        """The tiles a stream will use for `tile=` (latent pixels, a Blended with the reference's size
+        and overlap filled in, or None); raises StreamdecError for tiles this family cannot take."""
+        if isinstance(tile, Blended):
+            return self._blended(tile)
         if tile is not None and self.tiling is Tiling.NONE:
             raise StreamdecError(f"the {self.title} decoder cannot be tiled exactly; use tile=None")
         return tile if tile is not None else self.default_tile
+
+    def _blended(self, tile: Blended) -> Blended:
+        reference = self.reference_tiles
+        if reference is None:
+            raise StreamdecError(f"the {self.title}'s reference has no blended tiling; use tile=N for exact tiles, or None")
+        size = tile.size or reference.size
+        overlap = reference.overlap if tile.overlap is None else tile.overlap
+        ratio = self.spatial_ratio
+        if not 0 < overlap < 1 or any(int(s * (1 - overlap)) * ratio != s * ratio - int(s * ratio * overlap) for s in size):
+            raise StreamdecError(f"a blended overlap of {overlap:g} does not split {size[0]}x{size[1]}-pixel tiles evenly; "
+                                 f"use the reference's {reference.overlap:g}, or 0.125")  # fmt: skip
+        return Blended(size, overlap)
+
+    def blended_tiles(self, tile: Blended, long_videos: bool = False) -> BlendedTiles:
+        """The reference's tiled decode for a resolved Blended (from `effective_tile`)."""
+        stride = tuple(int(s * (1 - tile.overlap)) for s in tile.size)
+        return BlendedTiles(tile.size, stride, self.spatial_ratio, long_videos)
 
     def frames_out(self, latent_frames: int, first_chunk: bool) -> int:
         """Video frames from this many latent frames: temporal_ratio each, but the stream's first

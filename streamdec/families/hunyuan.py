@@ -35,7 +35,7 @@ from ..keys import count_indexed
 from ..layers import Conv3d, WrappedCausalConv3d
 from ..plan import Plan
 from ..streams import ScheduleReplayStream, Windows
-from ..tiling import BlendedTiles
+from ..tiling import Blended, BlendedTiles
 from . import Family, LayoutError, Strategy, Tiling, register
 
 SCALING_FACTOR = 0.476986  # diffusion latents = VAE latents * this (no shift)
@@ -239,13 +239,14 @@ class HunyuanVideo(Family):
     steady_latents = 8  # two windows: 5 latents, then 3 more
     # diffusers' framewise decode: tile_sample_min_num_frames 16 (4 latents + the one before) every 12
     windows = Windows(latents=5, stride=3, blend=1)
+    reference_tiles = Blended((32, 32), 0.25)  # enable_tiling(): 256-pixel tiles every 192
 
     # HunyuanVideo's `pytorch_model.pt`, Open-Sora 2.0's `hunyuan_vae.safetensors` and diffusers'
     # folders all use the same names; Tencent's loader also accepts them under a "vae." prefix.
     def detect_layout(self, keys) -> str | None:
-        if "decoder.mid_block.attentions.0.to_q.weight" in keys and "decoder.conv_in.conv.weight" in keys:
+        if "decoder.mid_block.attentions.0.group_norm.weight" in keys and "decoder.conv_in.conv.weight" in keys:
             return "official"
-        if "vae.decoder.mid_block.attentions.0.to_q.weight" in keys:
+        if "vae.decoder.mid_block.attentions.0.group_norm.weight" in keys:
             return "prefixed"
         return None
 
@@ -270,8 +271,9 @@ class HunyuanVideo(Family):
         return HunyuanDecoder(config)
 
     def open_stream(self, decoder: HunyuanDecoder, plan: Plan) -> ScheduleReplayStream:
-        tiles = None
-        if plan.tile is not None:  # enable_tiling(): 256-pixel tiles every 192 at its defaults (32 latents)
-            stride = tuple(t - t // 4 for t in plan.tile)
-            tiles = BlendedTiles(plan.tile, stride, self.spatial_ratio)
+        tile, tiles = self.effective_tile(plan.tile), None
+        if isinstance(tile, Blended):
+            tiles = self.blended_tiles(tile)
+        elif tile is not None:  # N latent pixels every 3/4 of N, as enable_tiling() at its defaults (32)
+            tiles = BlendedTiles(tile, tuple(t - t // 4 for t in tile), self.spatial_ratio)
         return ScheduleReplayStream(decoder, self.windows, self.temporal_ratio, tiles)

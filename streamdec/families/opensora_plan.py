@@ -39,7 +39,7 @@ from ..layers import WrappedCausalConv3d, per_frame
 from ..plan import Plan
 from ..state import StreamState
 from ..streams import ScheduleReplayStream, Windows
-from ..tiling import BlendedTiles
+from ..tiling import Blended
 from . import Family, LayoutError, Strategy, Tiling, register
 
 SCALING_FACTOR = 0.18215  # diffusion latents = VAE latents * this (Open-Sora-Plan's wrapper)
@@ -382,6 +382,7 @@ class CausalVAE(Family):
     tiling = Tiling.REFERENCE
     default_tile = (64, 64)  # the reference's 512-pixel tiles: it always tiles
     tile_overlap = 0.125
+    reference_tiles = Blended(default_tile, tile_overlap)
     steady_latents = 10  # two windows: 6 latents, then 4 more
     # tiled_decode: windows of 6 latents every 4, the last the rest if it holds new latents
     windows = Windows(latents=6, stride=4, blend=0, ending="rest")
@@ -408,15 +409,16 @@ class CausalVAE(Family):
     def build(self, config: CausalVAEConfig) -> CausalVAEDecoder:
         return CausalVAEDecoder(config)
 
-    def effective_tile(self, tile: tuple[int, int] | None) -> tuple[int, int]:
+    def effective_tile(self, tile: tuple[int, int] | Blended | None) -> Blended:
+        """Always the reference's blended tiles; a size N means N latent pixels with its overlap."""
         tile = super().effective_tile(tile)
+        if isinstance(tile, Blended):
+            return tile
         if any((t * self.tile_overlap) % 1 for t in tile):
             raise StreamdecError(f"tile must be a multiple of {round(1 / self.tile_overlap)} latent pixels for the "
                                  f"reference's {self.tile_overlap:g} tile overlap, not {tile[0]}x{tile[1]}")  # fmt: skip
-        return tile
+        return Blended(tile, self.tile_overlap)
 
     def open_stream(self, decoder: CausalVAEDecoder, plan: Plan) -> ScheduleReplayStream:
-        tile = self.effective_tile(plan.tile)
-        stride = tuple(int(t * (1 - self.tile_overlap)) for t in tile)
-        tiles = BlendedTiles(tile, stride, self.spatial_ratio, long_videos=True)
+        tiles = self.blended_tiles(self.effective_tile(plan.tile), long_videos=True)
         return ScheduleReplayStream(decoder, self.windows, self.temporal_ratio, tiles)

@@ -517,7 +517,7 @@ class Wan21(Family):
             return None
         if "decoder.middle.0.residual.0.gamma" in keys:
             return "official"
-        if "decoder.mid_block.resnets.0.norm1.gamma" in keys:
+        if "decoder.mid_block.resnets.0.norm1.gamma" in keys and "decoder.conv_in.weight" in keys:
             return "diffusers"
         return None
 
@@ -545,8 +545,8 @@ class Wan21(Family):
     def open_stream(self, decoder: WanDecoder, plan: Plan) -> CarriedStream:
         tiler = None
         if plan.tile is not None:
-            tiler = ExactTiler(decoder, plan.tile, self.spatial_ratio, park=plan.park_tiles, sample=plan.sample_tiles)
-        return CarriedStream(decoder, tiler=tiler)
+            tiler = ExactTiler(decoder, plan.tile, self.spatial_ratio, park=plan.park, sample=plan.sample_tiles)
+        return CarriedStream(decoder, tiler=tiler, frames_per_call=plan.frames_per_call)
 
 
 @register

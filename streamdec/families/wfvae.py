@@ -288,4 +288,4 @@ class WFVAE(Family):
         return WFVAEDecoder(config)
 
     def open_stream(self, decoder: WFVAEDecoder, plan: Plan) -> CarriedStream:
-        return CarriedStream(decoder, finish=decoder.finish)
+        return CarriedStream(decoder, finish=decoder.finish, frames_per_call=plan.frames_per_call)

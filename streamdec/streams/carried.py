@@ -1,10 +1,12 @@
 """The carried-state stream: causal decoders whose state moves from chunk to chunk.
 
 The decoder is a function of (latents, state) that continues the stream kept in the StreamState and
-returns the frames that are final (Wan, WF-VAE). One latent frame goes through the decoder per call,
-as the references do, so activations stay the size of one latent frame's output whatever the chunk
-length. A decoder with a lookahead holds some frames back until later latents arrive; `finish`
-returns them at the end. With an `ExactTiler` each call is decoded tile by tile, equal to untiled.
+returns the frames that are final (Wan, WF-VAE, HunyuanVideo-1.5). At most `frames_per_call` latent
+frames go through the decoder per call (one by default, as the references do), so activations stay
+the size of that many latent frames' output whatever the chunk length; the output is the same for
+any number. A decoder with a lookahead holds some frames back until later latents
+arrive; `finish` returns them at the end. With an `ExactTiler` each call is decoded tile by tile,
+equal to untiled; with a `BlendedTiler`, as the reference's blended tiles (each tile its own stream).
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ Decode = Callable[[torch.Tensor, StreamState], torch.Tensor]
 
 class CarriedStream:
     def __init__(self, decode: Decode, finish: Callable[[StreamState], torch.Tensor | None] | None = None,
-                 tiler=None):  # fmt: skip
+                 tiler=None, park: bool = False, frames_per_call: int = 1):  # fmt: skip
         self.decode = decode
+        self.frames_per_call = frames_per_call
         self.finish = finish  # a lookahead decoder's end of stream: the frames it held back, or None
-        self.tiler = tiler  # a streamdec.tiling.ExactTiler, or None: untiled
-        self.state: StreamState | None = StreamState()
+        self.tiler = tiler  # a streamdec.tiling ExactTiler or BlendedTiler, or None: untiled
+        self.state: StreamState | None = StreamState(park)  # park: what grows waits on the host
 
     def push(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
-        for t in range(z.shape[2]):
-            one = z[:, :, t : t + 1]
-            yield self.decode(one, self.state) if self.tiler is None else self.tiler.decode(one, self.state)
+        for t in range(0, z.shape[2], self.frames_per_call):
+            part = z[:, :, t : t + self.frames_per_call]
+            yield self.decode(part, self.state) if self.tiler is None else self.tiler.decode(part, self.state)
 
     def close(self) -> Iterator[torch.Tensor]:
         state, self.state = self.state, None  # the caches go with the stream

@@ -103,5 +103,5 @@ class ScheduleReplayStream:
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         h, w = z.shape[-2:]
         if self.tiles is not None and self.tiles.applies(h, w, long_video=self.frames_in >= self.windows.latents):
-            return self.tiles.decode(self.decode, z)
+            return self.tiles.decode(lambda piece, key: self.decode(piece), z)
         return self.decode(z)
