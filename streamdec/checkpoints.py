@@ -22,6 +22,7 @@ from torch import nn
 from . import families
 from .errors import StreamdecError, one_line
 from .families import LayoutError
+from .hub import fetch_vae, is_hub_id
 from .offload import MODES, attach
 from .vae import VAE, check_max_vram, resolve_device, resolve_dtype
 
@@ -209,8 +210,11 @@ def _other_file_kind(path: Path) -> str | None:
         return None  # unknown: let torch say what it makes of it
 
 
-def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram: float | None = None) -> VAE:
-    """Load a VAE decoder from a checkpoint file, a diffusers folder or a diffusers model object.
+def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram: float | None = None,
+             subfolder: str | None = None, revision: str | None = None) -> VAE:  # fmt: skip
+    """Load a VAE decoder from a checkpoint file, a diffusers folder, a diffusers model object or a
+    Hugging Face Hub id ("org/name": only the VAE's files are fetched; `subfolder`, `revision` as
+    diffusers takes them; see streamdec.hub).
 
     The family is detected from the tensor names. `device`: "cpu", "cuda", ... (default: CUDA if
     present); `dtype`: fp32 (default), bf16 or fp16; `offload`: "none" (weights on the device),
@@ -224,6 +228,10 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
         raise StreamdecError("offload='auto' lets max_vram choose the mode; give max_vram (GiB) or name a mode")
     if offload not in (*MODES, "auto"):
         raise StreamdecError(f"unknown offload mode {offload!r}; use one of {', '.join(MODES)}, or auto with max_vram")
+    if is_hub_id(src):
+        src = fetch_vae(src, subfolder, revision)
+    elif subfolder and isinstance(src, (str, os.PathLike)):
+        src = Path(src) / subfolder
     source = open_checkpoint(src)
     try:
         family, layout = families.detect(source.shapes)

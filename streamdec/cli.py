@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     decode = commands.add_parser("decode", help="decode a latent file into a video file or stdout")
     decode.add_argument("latents", help="latent file: .safetensors, .pt/.pth or .npy, shaped (C,T,h,w) or (1,C,T,h,w)")
-    decode.add_argument("--vae", required=True, help="VAE checkpoint: .pth, .safetensors, or a diffusers folder")
+    decode.add_argument("--vae", required=True,
+                        help="VAE checkpoint: .pth, .safetensors, a diffusers folder, or a Hugging Face Hub id (org/name)")  # fmt: skip
     decode.add_argument("-o", "--output", required=True, help="output video file, or - for stdout")
     _add_output_options(decode)
     _add_model_options(decode)
+    _add_source_options(decode)
     decode.add_argument("--raw-latents", action="store_true",
                         help="the latents are already de-normalized (as diffusers' vae.decode takes them)")  # fmt: skip
     decode.add_argument("--key", help="name of the latent tensor in a file that holds several")
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     info = commands.add_parser("info", help="describe a VAE checkpoint")
-    info.add_argument("checkpoint")
+    info.add_argument("checkpoint", help="a checkpoint file, a diffusers folder, or a Hub id (org/name)")
+    _add_source_options(info)
 
     demo = commands.add_parser(
         "demo", help="decode generated latents with a small random-weight Wan 2.1 VAE (no download needed)"
@@ -78,6 +81,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pix-fmt", help="pixel format (default yuv420p)")
     p.add_argument("--format", help="container: mp4, mkv, webm, mov, nut, y4m, or rgb24 (raw, pipes); "
                                     "default from the extension, y4m for stdout")  # fmt: skip
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subfolder", help="the VAE's folder (or file) inside the checkpoint folder or Hub repository")
+    p.add_argument("--revision", help="a Hub repository's branch, tag or commit (default: main)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None:
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 import torch  # noqa: F401
 
                 from . import checkpoints, latents, stream  # noqa: F401
-            _route_ffmpeg_logs()
+            _quiet_library_logs()
             return {"decode": run_decode, "info": run_info, "demo": run_demo}[args.command](args, target)
     except BaseException as err:
         stopped = signals.received  # whatever the signal surfaced as (a library may wrap or lose it)
@@ -174,12 +182,15 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-def _route_ffmpeg_logs() -> None:
+def _quiet_library_logs() -> None:
     """FFmpeg's error lines go into streamdec's one-line messages (PyAV puts the last one in its
-    exceptions), not onto the terminal beside them."""
+    exceptions), not onto the terminal beside them; huggingface_hub's retry warnings neither."""
     import logging
 
     import av.logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
 
     av.logging.set_level(av.logging.ERROR)
     logger = logging.getLogger("libav")
@@ -193,14 +204,15 @@ def run_decode(args, target) -> int:
     from .latents import read_latents
 
     latents = read_latents(args.latents, key=args.key)
-    vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram)
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram,
+                   subfolder=args.subfolder, revision=args.revision)  # fmt: skip
     return _decode(vae, latents, target, args, normalized=not args.raw_latents)
 
 
 def run_info(args, target=None) -> int:
     from .checkpoints import load_vae
 
-    vae = load_vae(args.checkpoint, device="cpu")
+    vae = load_vae(args.checkpoint, device="cpu", subfolder=args.subfolder, revision=args.revision)
     ratio = f"{vae.temporal_ratio}x time, {vae.spatial_ratio}x{vae.spatial_ratio} space"
     print(f"family            {vae.family} ({vae.family_spec.title})")
     print(f"source            {vae.source}")
