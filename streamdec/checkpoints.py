@@ -147,12 +147,14 @@ def _from_folder(path: Path) -> TensorSource:
         except (OSError, json.JSONDecodeError, KeyError) as err:
             raise CheckpointError(f"cannot read {index}: {one_line(err)}") from None
         return _from_safetensors([path / s for s in shards], str(path), config)
+    if (path / "model.safetensors").is_file():  # huggingface_hub's PyTorchModelHubMixin (Kandinsky's KVAE-3D)
+        return _from_safetensors([path / "model.safetensors"], str(path), config)
     if (path / "diffusion_pytorch_model.bin").is_file():
         source = _from_torch_file(path / "diffusion_pytorch_model.bin")
         source.description, source.diffusers_config = str(path), config
         return source
     raise CheckpointError(
-        f"{path} has config.json but no diffusion_pytorch_model.safetensors (or .bin, or .ckpt) beside it"
+        f"{path} has config.json but no diffusion_pytorch_model.safetensors (or .bin, .ckpt, model.safetensors) beside it"
     )
 
 
@@ -211,7 +213,7 @@ def _other_file_kind(path: Path) -> str | None:
 
 
 def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram: float | None = None,
-             subfolder: str | None = None, revision: str | None = None) -> VAE:  # fmt: skip
+             subfolder: str | None = None, revision: str | None = None, **decode_options) -> VAE:  # fmt: skip
     """Load a VAE decoder from a checkpoint file, a diffusers folder, a diffusers model object or a
     Hugging Face Hub id ("org/name": only the VAE's files are fetched; `subfolder`, `revision` as
     diffusers takes them; see streamdec.hub).
@@ -221,7 +223,9 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
     "model" (there while a chunk decodes) or "block" (one block at a time, prefetched); see
     streamdec.offload. `max_vram`: GiB of device memory a decode may use at its peak; each video's
     decode then picks its offload mode (unless `offload` names one) and spatial tiling to stay
-    under it, or refuses with the smallest budget that would do (see streamdec.memory)."""
+    under it, or refuses with the smallest budget that would do (see streamdec.memory).
+    `decode_options`: options a family declares for its decodes (LTX: `decode_timestep`,
+    `decode_noise_scale`, `seed`), the defaults of every decode with this VAE."""
     device, dtype, max_vram = resolve_device(device), resolve_dtype(dtype), check_max_vram(max_vram)
     offload = offload or ("auto" if max_vram is not None else "none")
     if offload == "auto" and max_vram is None:
@@ -238,6 +242,8 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
         renames = family.rename_map(source.shapes, layout)
         shapes = {new: source.shapes[old] for old, new in renames.items()}
         config = family.config(shapes, source.diffusers_config)
+        config = family.read_constants(config, layout, lambda key: source.get(key) if key in source.shapes else None)
+        decode_options = family.check_decode_options(decode_options)
         with torch.device("meta"):
             decoder = family.build(config)
     except LayoutError as err:
@@ -251,7 +257,8 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
     if offload != "none":  # "auto": each stream's plan picks the mode of its chunks (outside them: none)
         offloader = attach(decoder, decoder.offload_blocks(), device, "none" if offload == "auto" else offload)
     stored = Counter(source.dtypes[old] for old in renames).most_common(1)[0][0]
-    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader, max_vram, offload)
+    return VAE(family, config, decoder, device, dtype, stored, source.description, offloader, max_vram, offload,
+               decode_options)
 
 
 def _check_tensors(source: TensorSource, family, layout: str, renames: dict[str, str], decoder: nn.Module) -> None:

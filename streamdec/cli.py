@@ -44,12 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(decode)
     _add_model_options(decode)
     _add_source_options(decode)
+    _add_decode_options(decode)
     decode.add_argument("--raw-latents", action="store_true",
                         help="the latents are already de-normalized (as diffusers' vae.decode takes them)")  # fmt: skip
     decode.add_argument("--key", help="name of the latent tensor in a file that holds several")
     decode.add_argument("--overwrite", action="store_true",
                         help="replace an existing output file (once the new one holds a frame)")  # fmt: skip
     decode.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    decode.add_argument("--resume", action="store_true",
+                        help="keep the decode's state beside the output as it goes, and go on from where a killed "
+                             "run of the same command stopped (needs an output file)")  # fmt: skip
+    decode.add_argument("--resume-every", type=_positive_int, metavar="N",
+                        help="with --resume: save the state every N latent frames (default: by time, at most 5%% "
+                             "of the decode's time)")  # fmt: skip
 
     info = commands.add_parser("info", help="describe a VAE checkpoint")
     info.add_argument("checkpoint", help="a checkpoint file, a diffusers folder, or a Hub id (org/name)")
@@ -106,6 +113,21 @@ def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None
                         "activations grow with N")  # fmt: skip
 
 
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    """Options some families take (Family.decode_options), named as their pipelines name them."""
+    p.add_argument("--decode-timestep", type=float, metavar="T",
+                   help="LTX-Video 0.9.1+: the timestep the decoder is conditioned on (the pipelines' "
+                        "decode_timestep, default 0)")  # fmt: skip
+    p.add_argument("--decode-noise-scale", type=float, metavar="S",
+                   help="LTX-Video 0.9.1+: mix the latents with this much noise first (default: the timestep)")
+    p.add_argument("--seed", type=int, help="seed of the decode noise (LTX; default 0)")
+
+
+def _decode_options(args) -> dict:
+    names = ("decode_timestep", "decode_noise_scale", "seed")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     _reopen_closed_std_fds()
     signals = _Signals()
@@ -114,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         with signals:
             args = build_parser().parse_args(argv)
             if args.command in ("decode", "demo"):
-                target = _output_target(args.output, args.overwrite)
+                target = _output_target(args.output, args.overwrite or _resumes(args))
             with signals.deferred():  # a C extension interrupted in its import can abort the process
                 import torch  # noqa: F401
 
@@ -205,7 +227,7 @@ def run_decode(args, target) -> int:
 
     latents = read_latents(args.latents, key=args.key)
     vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram,
-                   subfolder=args.subfolder, revision=args.revision)  # fmt: skip
+                   subfolder=args.subfolder, revision=args.revision, **_decode_options(args))  # fmt: skip
     return _decode(vae, latents, target, args, normalized=not args.raw_latents)
 
 
@@ -242,6 +264,8 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
 
     to_stdout = not isinstance(target, Path)
     format = args.format or ("y4m" if to_stdout else None)
+    if getattr(args, "resume_every", None) and not args.resume:
+        raise ValueError("--resume-every sets how often --resume saves; add --resume, or drop --resume-every")
     if vae.max_vram is not None and not args.quiet:  # say what the budget chose (decode_to_file reuses it)
         from .latents import as_latents
         from .memory import plan_decode
@@ -253,6 +277,7 @@ def _decode(vae, latents, target, args, normalized: bool) -> int:
         vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
         pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet, tile=args.tile,
         low_latency=args.low_latency, frames_per_call=args.frames_per_call,
+        resume=getattr(args, "resume", False), resume_every=getattr(args, "resume_every", None),
     )  # fmt: skip
     if not args.quiet and not to_stdout:
         h, w = (s * vae.spatial_ratio for s in latents.shape[-2:])
@@ -308,6 +333,15 @@ def _fps_arg(text: str) -> float:
     except (ValueError, SinkError):
         raise argparse.ArgumentTypeError(f"expected a frame rate from 0.01 to 1000, like 16, 24 or 23.976, not {text!r}") from None
     return fps
+
+
+def _resumes(args) -> bool:
+    """--resume, and a killed run of this output left its state: the file is this job's to go on with."""
+    if not getattr(args, "resume", False) or args.output == "-":
+        return False
+    from .resume import Checkpoints
+
+    return Checkpoints(args.output).exists()
 
 
 def _output_target(output: str, overwrite: bool):

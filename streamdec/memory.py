@@ -131,7 +131,9 @@ def _traced_peak(vae, latent_size, latent_frames, tile, park, frames_per_call: i
     park = parks_caches(vae.device) if park is None else park
     tile = family.effective_tile(tile)
     # parked tiles of one shape need the same memory: decoding one of each shape gives the peak
-    plan = Plan(tile=tile, park=park, sample_tiles=park and tile is not None, frames_per_call=frames_per_call)
+    frames = _frames_to_trace(vae, latent_frames, frames_per_call)
+    plan = Plan(tile=tile, park=park, sample_tiles=park and tile is not None, frames_per_call=frames_per_call,
+                latent_frames=frames)  # the traced video is this long  # fmt: skip
     with torch.device("meta"):
         decoder = family.build(vae.config)
     decoder = decoder.to(vae.dtype).eval().requires_grad_(False)
@@ -139,7 +141,6 @@ def _traced_peak(vae, latent_size, latent_frames, tile, park, frames_per_call: i
     trace = MemoryTrace(device="meta")
     with torch.inference_mode(), trace:
         stream = family.open_stream(decoder, plan)
-        frames = _frames_to_trace(vae, latent_frames, frames_per_call)
         for start in range(0, frames, frames_per_call):  # pushes as decode_frames makes them
             z = torch.empty((1, vae.latent_channels, min(frames_per_call, frames - start), *latent_size), device="meta")
             _hand_over(stream.push(meta.prepare(z, normalized=True)))

@@ -27,7 +27,12 @@ class Plan:
     # Decode only the first tile of each shape, leaving the rest of the frame unwritten. Only memory
     # estimates set it: with parked caches, tiles of one shape need the same memory.
     sample_tiles: bool = False
+    # the family's decode options (Family.decode_options) given for this video, as (name, value) pairs
+    decode: tuple[tuple[str, object], ...] = ()
     peak_bytes: int | None = None  # the estimated device peak, weights included, where a budget was planned for
+    # the video's length in latent frames, where known: a family whose reference cuts the latents by
+    # their number (CogVideoX: by its parity) needs it to replay that cut from the first push
+    latent_frames: int | None = None
 
     def describe(self) -> str:
         if isinstance(self.tile, Blended):

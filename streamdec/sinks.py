@@ -147,7 +147,7 @@ class VideoSink:
     def __init__(self, target: str | os.PathLike | BinaryIO, width: int, height: int, fps: float = 16,
                  codec: str | None = None, crf: float | None = None, preset: str | None = None,
                  pix_fmt: str | None = None, format: str | None = None, options: dict | None = None,
-                 low_latency: bool = False):  # fmt: skip
+                 low_latency: bool = False, in_order: bool = False, continue_from: int = 0):  # fmt: skip
         rate = frame_rate(fps)
         is_path = isinstance(target, (str, os.PathLike))
         fmt = container_format(target if is_path else None, format)
@@ -173,6 +173,10 @@ class VideoSink:
             opts["preset"] = str(preset or default_preset)
         if low_latency:
             opts.update(LOW_LATENCY.get(codec, {}))
+        if in_order:  # packets in display order (no B-frames), so a later run can append to the file
+            opts["bf"] = "0"
+            if codec == "libx265":
+                opts["x265-params"] = "bframes=0"
         opts.update({k: str(v) for k, v in (options or {}).items()})
         # x265 and SVT-AV1 print pages of banners to stderr; keep them to errors.
         if codec == "libx265":
@@ -197,10 +201,14 @@ class VideoSink:
         except (OSError, av.error.FFmpegError) as err:
             self._discard()
             raise SinkError(f"cannot write {self.name}: {_reason(err)}") from None
+        self.rate = rate
         try:
-            self.stream = self.container.add_stream(codec, rate=rate, options=opts)
-            self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, self.pix_fmt
-            context = self.stream.codec_context
+            if continue_from:
+                context = self._continue(continue_from, codec, opts, fmt)
+            else:
+                self.stream = self.container.add_stream(codec, rate=rate, options=opts)
+                self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, self.pix_fmt
+                context = self.encoder = self.stream.codec_context
             if codec.startswith(("libx264", "libx265")):
                 if not low_latency:  # frame threads: best throughput, but they hold frames back
                     context.thread_type, context.thread_count = "FRAME", 0
@@ -213,13 +221,18 @@ class VideoSink:
                     context.colorspace = context.color_primaries = context.color_trc = 1
                 context.color_range = 1
             self.container.start_encoding()  # opens the encoder, writes the header
+            if continue_from:
+                self._copy_frames(continue_from)
         except Exception as err:
+            if isinstance(err, SinkError):
+                self._abandon()
+                raise
             self._abandon()
             if isinstance(err, OSError) and not isinstance(err, av.error.FFmpegError):
                 raise SinkError(f"cannot write {self.name}: {_reason(err)}") from None
             settings = f" ({', '.join(f'{k} {v}' for k, v in opts.items())})" if opts else ""
             raise SinkError(f"cannot encode with {codec}{settings} at {width}x{height}: {_reason(err)}") from None
-        self._header_bytes = self.file.write_path.stat().st_size if self.file else 0
+        self._header_bytes = self.file.write_path.stat().st_size if self.file and not self.file.committed else 0
 
     def write(self, frame: np.ndarray) -> None:
         width, height = self.size
@@ -229,8 +242,9 @@ class VideoSink:
         video = av.VideoFrame.from_ndarray(frame, format="rgb24")
         if self._matrix is not None:
             video = video.reformat(format=self.pix_fmt, dst_colorspace=self._matrix, dst_color_range="MPEG")
+        video.pts, video.time_base = self.frames_written, 1 / self.rate
         try:
-            for packet in self.stream.encode(video):
+            for packet in self._encode(video):
                 self.container.mux(packet)
         except OSError as err:
             if err.errno == errno.EPIPE:
@@ -244,7 +258,7 @@ class VideoSink:
         """Flush the encoder and finish the container; a pipe that is gone ends it quietly. A file
         with no frame is removed (only one streamdec created)."""
         try:
-            for packet in self.stream.encode():
+            for packet in self._encode(None):
                 self.container.mux(packet)
         finally:
             try:
@@ -253,6 +267,48 @@ class VideoSink:
                 if self.file is not None and self.frames_written:
                     self.file.commit()
                 self._discard()
+
+    def _encode(self, frame):
+        packets = self.encoder.encode(frame)
+        for packet in packets:
+            packet.stream = self.stream
+        return packets
+
+    def _continue(self, frames: int, codec: str, opts: dict, fmt: str):
+        """Set up to append to the file already at the path: its stream, copied as it is, and an
+        encoder of the same settings of our own (the old file's packets cannot go through an
+        encoder's stream). Returns the encoder to configure."""
+        try:
+            self._previous = av.open(str(self.file.final))
+            template = self._previous.streams.video[0]
+        except (OSError, av.error.FFmpegError, IndexError) as err:
+            raise SinkError(f"cannot continue {self.name}: {_reason(err) if not isinstance(err, IndexError) else 'it holds no video'}") from None
+        self.stream = self.container.add_stream_from_template(template)
+        self.encoder = av.CodecContext.create(codec, "w")
+        self.encoder.width, self.encoder.height, self.encoder.pix_fmt = *self.size, self.pix_fmt
+        self.encoder.time_base, self.encoder.framerate = 1 / self.rate, self.rate
+        self.encoder.options = opts
+        if fmt in ("mp4", "mov", "matroska", "webm"):  # their headers hold the codec's parameters
+            self.encoder.flags |= av.codec.context.Flags.global_header
+        return self.encoder
+
+    def _copy_frames(self, frames: int) -> None:
+        """The first `frames` frames of the file at the path, as they are, then our encoder's."""
+        self.encoder.open()
+        template = self._previous.streams.video[0]
+        if (self.encoder.extradata or b"") != (template.codec_context.extradata or b""):
+            raise SinkError(f"cannot continue {self.name}: its video was encoded with other settings "
+                            f"({template.codec_context.name}); decode it again without resuming")  # fmt: skip
+        with self._previous:
+            for packet in complete_packets(self._previous, str(self.file.final)):
+                if self.frames_written == frames:
+                    break
+                packet.stream = self.stream
+                self.container.mux(packet)
+                self.frames_written += 1
+        if self.frames_written < frames:
+            raise SinkError(f"cannot continue {self.name}: it holds {self.frames_written} whole frames, not {frames}")
+        self.file.commit()
 
     def _abandon(self) -> None:
         """Close without any frame and remove what was created: nothing was asked to be kept."""
@@ -265,6 +321,29 @@ class VideoSink:
     def _discard(self) -> None:
         if self.file is not None:
             self.file.discard()
+
+
+def complete_packets(container, path: str):
+    """The video packets of a file that are whole: a killed writer leaves its last one cut short."""
+    size = os.path.getsize(path)
+    try:
+        for packet in container.demux(video=0):
+            if packet.pts is None or packet.is_corrupt or packet.pos >= 0 and packet.pos + packet.size > size:
+                if packet.pts is not None:
+                    return
+                continue
+            yield packet
+    except av.error.FFmpegError:
+        return
+
+
+def complete_frames(path) -> int:
+    """How many whole frames the video file at `path` holds (0 if it cannot be read)."""
+    try:
+        with av.open(str(path)) as container:
+            return sum(1 for _ in complete_packets(container, str(path)))
+    except (OSError, av.error.FFmpegError):
+        return 0
 
 
 class RawSink:
@@ -303,6 +382,8 @@ def open_sink(target: str | os.PathLike | BinaryIO, width: int, height: int, fps
     """A sink for `target`: RawSink for format "rgb24", else a VideoSink (encoder settings in `encoder`)."""
     if format is not None and format.lower() == "rgb24":
         frame_rate(fps)
+        if encoder.get("continue_from"):
+            raise SinkError("raw rgb24 output cannot be resumed; write a video file (mkv, mp4) to resume")
         if isinstance(target, (str, os.PathLike)):
             file = OutputFile(target)
             try:

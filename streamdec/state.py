@@ -98,3 +98,38 @@ class StreamState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to_dict(self, names: dict[nn.Module, str]) -> dict:
+        """The state as plain data (tensors, names, keys), for `torch.save`: modules are named by
+        `names` (the decoder's `named_modules`), so a new decoder of the same shape can take it back."""
+        return {
+            "history": {names[m]: t for m, t in self.history.items()},
+            "started": sorted(names[m] for m in self.started),
+            "ahead": {names[m]: t for m, t in self.ahead.items()},
+            "kept": {names[m]: blocks for m, blocks in self.kept.items()},
+            "tiles": {key: child.to_dict(names) for key, child in self.tiles.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, modules: dict[str, nn.Module], device: torch.device, park: bool = False,
+                  tiles_device: torch.device | None = None) -> "StreamState":  # fmt: skip
+        """The state `to_dict` wrote, on `device`; kept blocks on the host with `park`, and tiles'
+        states on `tiles_device` (default `device`): the host where a tiler parks them between turns."""
+        state = cls(park)
+        host = torch.device("cpu")
+        state.history = {modules[n]: _placed(t, device) for n, t in data["history"].items()}
+        state.started = {modules[n] for n in data["started"]}
+        state.ahead = {modules[n]: _placed(t, device) for n, t in data["ahead"].items()}
+        state.kept = {modules[n]: [tuple(_placed(t, host if park else device) for t in b) for b in blocks]
+                      for n, blocks in data["kept"].items()}  # fmt: skip
+        tiles_device = device if tiles_device is None else tiles_device
+        state.tiles = {tuple(key): cls.from_dict(child, modules, tiles_device, park)
+                       for key, child in data["tiles"].items()}  # fmt: skip
+        return state
+
+
+def _placed(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; on the host, pinned where CUDA is there to read it (as `keep` leaves it)."""
+    if device.type == "cpu" and torch.cuda.is_available():
+        return t.to("cpu").pin_memory()
+    return t.to(device)

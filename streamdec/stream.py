@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections import deque
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -49,6 +50,15 @@ class StreamDecoder:
     plans the video (offload mode, tiles) to fit it, or refuses with the smallest budget that would
     do; the plan is this stream's own (`plan`), so streams of other sizes and budgets can share the VAE.
 
+    `latent_frames`: the video's length in latent frames, where the pushes do not all come at once.
+    A family whose reference cuts the latents by their number needs it before the first push and
+    refuses to start without it (CogVideoX: its first call takes 2 + T mod 2 latents); the others
+    ignore it. Pushing more latent frames than it says is refused. decode_frames, decode_to_file and
+    the CLI pass it themselves.
+
+    `decode_options`: options the family declares (`Family.decode_options`; LTX: `decode_timestep`,
+    `decode_noise_scale`, `seed`), over those named at `load_vae`; another family refuses them.
+
     A carried-state family's frames are final as soon as they are decoded, or, with a lookahead
     (WF-VAE), once the next latent frame has come: the last latent frame's are returned by `close()`.
     A schedule-replay family's are final once their window is: each push returns whole windows' worth,
@@ -56,8 +66,10 @@ class StreamDecoder:
     """
 
     def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False, tile="auto",
-                 max_vram: float | None = None, frames_per_call: int = 1):  # fmt: skip
+                 max_vram: float | None = None, frames_per_call: int = 1,
+                 latent_frames: int | None = None, **decode_options):  # fmt: skip
         self.vae = vae
+        self.decode_options = {**vae.decode_options, **vae.family_spec.check_decode_options(decode_options)}
         self.normalized = normalized
         self.as_tensor = as_tensor
         self.tile = parse_tile(tile)
@@ -65,6 +77,10 @@ class StreamDecoder:
         if isinstance(frames_per_call, bool) or not isinstance(frames_per_call, int) or frames_per_call < 1:
             raise StreamdecError(f"frames_per_call must be a whole number of latent frames, 1 or more, not {frames_per_call!r}")
         self.frames_per_call = frames_per_call
+        if latent_frames is not None and (isinstance(latent_frames, bool) or not isinstance(latent_frames, int)
+                                          or latent_frames < 1):  # fmt: skip
+            raise StreamdecError(f"latent_frames must be the video's length in latent frames, 1 or more, not {latent_frames!r}")
+        self.latent_frames = latent_frames
         if self.tile != "auto":  # refuse a tile the family cannot take now, not at the first push
             vae.family_spec.effective_tile(self.tile)
         self.plan: Plan | None = None  # settled by the first push (or start), once the frame size is known
@@ -75,16 +91,21 @@ class StreamDecoder:
 
     def start(self, latent_size: tuple[int, int], latent_frames: int | None = None) -> None:
         """Settle how this stream decodes frames of `latent_size` (done by the first push): its plan,
-        then the family's stream."""
+        then the family's stream. `latent_frames`: the video's length, if not given to the constructor."""
         vae = self.vae
+        latent_frames = self.latent_frames if latent_frames is None else latent_frames
         if self.max_vram is not None:
-            self.plan = plan_decode(vae, latent_size, latent_frames, tile=self.tile, max_vram=self.max_vram,
-                                    frames_per_call=self.frames_per_call)  # fmt: skip
+            plan = plan_decode(vae, latent_size, latent_frames, tile=self.tile, max_vram=self.max_vram,
+                               frames_per_call=self.frames_per_call)  # fmt: skip
         else:
             tile = vae.family_spec.effective_tile(None if self.tile == "auto" else self.tile)
             offload = "none" if vae.offload == "auto" else vae.offload
-            self.plan = Plan(offload=offload, tile=tile, park=parks_caches(vae.device), frames_per_call=self.frames_per_call)
-        self.stream = vae.family_spec.open_stream(vae.decoder, self.plan)
+            plan = Plan(offload=offload, tile=tile, park=parks_caches(vae.device), frames_per_call=self.frames_per_call)
+        plan = replace(plan, latent_frames=latent_frames)  # the video's own length, not a cached plan's
+        if self.decode_options:
+            plan = replace(plan, decode=tuple(sorted(self.decode_options.items())))
+        self.stream = vae.family_spec.open_stream(vae.decoder, plan)  # may refuse: then nothing is settled
+        self.plan, self.latent_frames = plan, latent_frames
         self._frame_size = tuple(latent_size)
 
     def push(self, chunk) -> list:
@@ -101,9 +122,12 @@ class StreamDecoder:
         unclamped. A generator, so that one piece is on the device at a time."""
         if self.plan is None:
             self.start(z.shape[-2:])
+        if self.latent_frames is not None and self.frames_in + z.shape[2] > self.latent_frames:
+            raise StreamdecError(f"this stream was told the video has latent_frames={self.latent_frames}, but "
+                                 f"{self.frames_in + z.shape[2]} have been pushed; give its true length")  # fmt: skip
         self.frames_in += z.shape[2]
         with self._offload_session():
-            for video in self.stream.push(self.vae.prepare(z, self.normalized)):
+            for video in self.stream.push(self.vae.prepare(z, self.normalized, self.frames_in - z.shape[2])):
                 self.frames_out += video.shape[2]
                 yield video
 
@@ -120,6 +144,20 @@ class StreamDecoder:
             for video in stream.close():
                 self.frames_out += video.shape[2]
                 yield video
+
+    def state_dict(self) -> dict:
+        """Everything this stream would need to go on from here in another process (caches, buffers,
+        counters; never a decoded frame), as tensors and plain data for `torch.save`. Between pushes."""
+        if self.stream is None or not hasattr(self.stream, "state_dict"):
+            raise StreamdecError(f"a {self.vae.family_spec.title} stream cannot be saved to resume; decode it without resuming")
+        names = {m: n for n, m in self.vae.decoder.named_modules()}
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out, "stream": self.stream.state_dict(names)}
+
+    def load_state_dict(self, data: dict) -> None:
+        """Go on from where `state_dict` was taken (a started stream of the same VAE and settings)."""
+        modules = dict(self.vae.decoder.named_modules())
+        self.stream.load_state_dict(data["stream"], modules, self.vae.device)
+        self.frames_in, self.frames_out = data["frames_in"], data["frames_out"]
 
     def _offload_session(self):
         offloader = self.vae.offloader
@@ -147,16 +185,16 @@ class StreamDecoder:
 
 
 def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False, tile="auto",
-                  max_vram: float | None = None, frames_per_call: int = 1) -> Iterator:  # fmt: skip
+                  max_vram: float | None = None, frames_per_call: int = 1, **decode_options) -> Iterator:  # fmt: skip
     """Decode a whole latent video frame by frame.
 
     `latents`: torch tensor or numpy array, (C, T, h, w) or (1, C, T, h, w). Returns a generator
     of `1 + temporal_ratio * (T - 1)` frames: numpy uint8 (H, W, 3) RGB equal to
     round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
-    [-1, 1]. `tile`, `max_vram`, `frames_per_call`: see StreamDecoder. The latents are checked and
+    [-1, 1]. `tile`, `max_vram`, `frames_per_call`, `decode_options`: see StreamDecoder. The latents are checked and
     the video planned here, before any frame is decoded."""
     return _checked_frames(vae, latents, normalized=normalized, as_tensor=as_tensor, tile=tile,
-                           max_vram=max_vram, frames_per_call=frames_per_call)[1]  # fmt: skip
+                           max_vram=max_vram, frames_per_call=frames_per_call, **decode_options)[1]  # fmt: skip
 
 
 def _checked_frames(vae: VAE, latents, **options) -> tuple[torch.Tensor, Iterator]:
@@ -168,12 +206,16 @@ def _checked_frames(vae: VAE, latents, **options) -> tuple[torch.Tensor, Iterato
     return z, _frames(stream, z)
 
 
-def _frames(stream: StreamDecoder, z: torch.Tensor) -> Iterator:
-    """Frames of latents `z` that `as_latents` has already checked, pushed as many at a time as the
-    decoder takes per call."""
+def _frames(stream: StreamDecoder, z: torch.Tensor, start: int = 0, between=None) -> Iterator:
+    """Frames of latents `z` that `as_latents` has already checked, from latent frame `start` on,
+    pushed as many at a time as the decoder takes per call; `between()` runs after each push."""
     step = stream.plan.frames_per_call
-    for t in range(0, z.shape[2], step):
-        yield from _hand_out(stream._host_frames(stream.decode_videos(z[:, :, t : t + step])))
+    for t in range(start, z.shape[2], step):
+        pending = deque(stream._host_frames(stream.decode_videos(z[:, :, t : t + step])))
+        if between is not None:
+            between()
+        while pending:  # popleft: the generator holds no frame it has yielded
+            yield pending.popleft()
     yield from _hand_out(stream.close())
 
 
@@ -188,7 +230,8 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
                    preset: str | None = None, pix_fmt: str | None = None, format: str | None = None,
                    normalized: bool = True, progress: bool = True, options: dict | None = None,
                    tile="auto", max_vram: float | None = None, low_latency: bool = False,
-                   frames_per_call: int = 1) -> int:  # fmt: skip
+                   frames_per_call: int = 1, resume: bool = False, resume_every: int | None = None,
+                   **decode_options) -> int:  # fmt: skip
     """Decode `latents` straight into a video file (or a binary stream such as stdout).
 
     Frames go from the decoder through a bounded queue to a writer thread that encodes them
@@ -200,22 +243,35 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
     An existing file at `path` is replaced once the new one holds a frame; a failure before that
     leaves it as it was. On an error or Ctrl-C after that, the file is closed cleanly with every
     frame decoded so far, and the exception carries `frames_written`. Returns the number of frames
-    written."""
+    written (with `resume`, those this run wrote and those it kept).
+
+    `resume`: keep the stream's state beside the file as it goes (every `resume_every` latent
+    frames, by default by time at 5% of the decode's time at most), and go on from a killed run's
+    state if the same job left one (streamdec.resume). `decode_options`: see StreamDecoder."""
     from tqdm import tqdm
 
     from .sinks import FrameWriter, open_sink
 
-    z, frames = _checked_frames(vae, latents, normalized=normalized, tile=tile, max_vram=max_vram,
-                                frames_per_call=frames_per_call)  # before the file exists
+    settings = dict(fps=fps, codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, format=format, normalized=normalized,
+                    options=options, tile=tile, max_vram=max_vram, low_latency=low_latency,
+                    frames_per_call=frames_per_call, **decode_options)  # fmt: skip
+    z = as_latents(latents, vae.latent_channels)
+    stream = StreamDecoder(vae, normalized=normalized, tile=tile, max_vram=max_vram, frames_per_call=frames_per_call,
+                           **decode_options)
+    stream.start(z.shape[-2:], z.shape[2])  # everything that can be refused, before the file exists
+    checkpoints, state, between = _resumable(vae, z, stream, path, settings, resume_every) if resume else (None, None, None)
+    if state is not None:
+        stream.load_state_dict(state)
+    kept = 0 if state is None else state["frames_out"]
     height, width = (s * vae.spatial_ratio for s in z.shape[-2:])
-    sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset,
-                     pix_fmt=pix_fmt, options=options, low_latency=low_latency)  # fmt: skip
+    sink = open_sink(path, width, height, fps, format=format, codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt,
+                     options=options, low_latency=low_latency, in_order=resume, continue_from=kept)  # fmt: skip
     # on a terminal only: quiet in pipes, logs, with progress=False, and when stderr is closed
     shown = None if progress and sys.stderr is not None else True
-    bar = tqdm(total=vae.frames_for(z.shape[2]), unit="frame", file=sys.stderr, disable=shown)
+    bar = tqdm(total=vae.frames_for(z.shape[2]), initial=kept, unit="frame", file=sys.stderr, disable=shown)
     try:
         with FrameWriter(sink) as writer:
-            for frame in frames:
+            for frame in _frames(stream, z, start=stream.frames_in, between=between):
                 writer.put(frame)
                 bar.update()
     except BaseException as err:
@@ -223,4 +279,28 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
         raise
     finally:
         bar.close()
+    if checkpoints is not None:
+        checkpoints.remove()
     return sink.frames_written
+
+
+def _resumable(vae: VAE, z: torch.Tensor, stream: StreamDecoder, path, settings: dict, every: int | None):
+    """For a resumable decode into `path`: its Checkpoints, the state a killed run left (or None),
+    and what to do between pushes (save the state when due)."""
+    import os
+
+    from .resume import Checkpoints, ResumeError, job_of
+
+    if not isinstance(path, (str, os.PathLike)) or (os.path.exists(path) and not os.path.isfile(path)):
+        raise ResumeError("resuming needs a regular output file, not a stream, pipe or device")
+    if str(settings["format"]).lower() == "rgb24":
+        raise ResumeError("raw rgb24 output cannot be resumed; write a video file (mkv, mp4) to resume")
+    stream.state_dict()  # refuses a stream that cannot be saved, now rather than at the first save
+    checkpoints = Checkpoints(path, every)
+    state = checkpoints.begin(job_of(vae, z, settings))
+
+    def between():
+        if checkpoints.due(stream.frames_in):
+            checkpoints.save(stream.state_dict())
+
+    return checkpoints, state, between

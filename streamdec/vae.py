@@ -50,11 +50,13 @@ class VAE:
     """What `load_vae` returns. `decoder` is the family's nn.Module; `family_spec.open_stream` runs it.
 
     `offload` is the mode named at load: "none", "model", "block", or "auto" (weights rest on the
-    host and each stream's max_vram plan picks the mode of its chunks; see streamdec.offload)."""
+    host and each stream's max_vram plan picks the mode of its chunks; see streamdec.offload).
+    `decode_options`: the family's decode options (`Family.decode_options`) named at load, the
+    defaults of every decode with this VAE."""
 
     def __init__(self, family: Family, config, decoder: nn.Module, device: torch.device, dtype: torch.dtype,
                  stored_dtype: torch.dtype, source: str, offloader=None, max_vram: float | None = None,
-                 offload: str = "none"):  # fmt: skip
+                 offload: str = "none", decode_options: dict | None = None):  # fmt: skip
         self.family_spec = family
         self.config = config
         self.decoder = decoder
@@ -65,8 +67,9 @@ class VAE:
         self.offloader = offloader  # a streamdec.offload.Offloader, or None: weights stay on the device
         self.max_vram = check_max_vram(max_vram)  # GiB a decode may peak at (streamdec.memory), or None
         self.offload = offload
+        self.decode_options = dict(decode_options or {})  # the family's decode options named at load (defaults)
         self.plans: dict = {}  # a cache of the max_vram plans made so far (streamdec.memory)
-        shape = (1, -1, 1, 1, 1)
+        shape = (1, config.z_dim, -1, 1, 1)  # per channel, or per channel and latent frame (Cosmos)
         self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
         self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)
 
@@ -113,15 +116,24 @@ class VAE:
         """Video frames a whole latent sequence of this length decodes to."""
         return self.family_spec.frames_out(latent_frames, first_chunk=True)
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents as the diffusion model makes them -> latents as the decoder takes them."""
-        return z.float() * self.latents_std + self.latents_mean
+    def denormalize(self, z: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+        """Latents as the diffusion model makes them -> latents as the decoder takes them. `first_frame`:
+        the latent frame `z` starts at in its video, for statistics given per latent frame."""
+        mean, std = self.latents_mean, self.latents_std
+        if mean.shape[2] > 1:
+            end = first_frame + z.shape[2]
+            if end > mean.shape[2]:
+                raise StreamdecError(f"the {self.family_spec.title}'s latent statistics cover {mean.shape[2]} latent "
+                                     f"frames, and this is latent frame {end}; de-normalize the latents yourself and "
+                                     "pass normalized=False")  # fmt: skip
+            mean, std = mean[:, :, first_frame:end], std[:, :, first_frame:end]
+        return z.float() * std + mean
 
-    def prepare(self, z: torch.Tensor, normalized: bool) -> torch.Tensor:
+    def prepare(self, z: torch.Tensor, normalized: bool, first_frame: int = 0) -> torch.Tensor:
         """Checked latents -> latents as the decoder takes them: on its device, de-normalized (if
         `normalized`), in its dtype. Memory estimates run this too, so they count what it allocates."""
         z = z.to(self.device, non_blocking=True)
-        z = self.denormalize(z) if normalized else z.float()
+        z = self.denormalize(z, first_frame) if normalized else z.float()
         return z.to(self.dtype)
 
     def __repr__(self) -> str:

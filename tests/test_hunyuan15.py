@@ -22,12 +22,13 @@ from streamdec.cli import main
 from streamdec.families.hunyuan15 import Hunyuan15Config, Hunyuan15Decoder, up_path_halo
 from streamdec.frames import to_uint8
 from streamdec.memory import MemoryTrace, estimate_peak
-from streamdec.plan import Plan
 from streamdec.stream import StreamDecoder
 from streamdec.tiling import Blended
 
 from helpers.hunyuan import random_hunyuan
 from helpers.hunyuan15 import official_config, official_state_dict, random_hunyuan15, reference
+from helpers.layouts import diffusers_layouts
+from helpers.memory import meta_peak
 from helpers.video import assert_equal_video, stream_video
 
 SHAPE = (8, 6, 3, 5)  # (C, T, h, w) -> 21 frames of 48x80
@@ -52,12 +53,7 @@ def expected(model, latents):
 @pytest.fixture(scope="module")
 def layouts(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("hunyuan15")
-    paths = {"live-object": model}
-    model.save_pretrained(root / "diffusers-vae")
-    paths["diffusers-folder"] = root / "diffusers-vae"
-    model.save_pretrained(root / "pipeline" / "vae")
-    (root / "pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15Pipeline"}))
-    paths["diffusers-pipeline"] = root / "pipeline"
+    paths = diffusers_layouts(model, root, "HunyuanVideo15Pipeline")
     official = root / "official" / "vae"  # HunyuanVideo-1.5's ckpts/vae: Tencent's names, its own config
     official.mkdir(parents=True)
     save_file(official_state_dict(model), official / "diffusion_pytorch_model.safetensors")
@@ -255,27 +251,11 @@ def test_only_the_keys_and_values_grow(vae):
     assert peak10 - peak4 == 6 * per_frame
 
 
-def meta_peak(vae, frames: int, park: bool) -> int:
-    """The device peak of a decode of `frames` latent frames traced on the meta device, the keys and
-    values parked on the host (as on a GPU) or not."""
-    with torch.device("meta"):
-        decoder = vae.family_spec.build(vae.config)
-    trace = MemoryTrace(device="meta")
-    with torch.inference_mode(), trace:
-        stream = vae.family_spec.open_stream(decoder, Plan(park=park))
-        z = torch.zeros(1, vae.latent_channels, 1, *SHAPE[-2:], device="meta")
-        for _ in range(frames):
-            for video in stream.push(z):
-                to_uint8(video)
-                del video
-    return trace.peak
-
-
 def test_off_the_cpu_the_device_stays_flat(vae):
     """Parked on the host (what happens on a GPU), the keys and values leave the device: the device
     peak is the same for 4 and 12 latent frames. Not parked, it grows by them."""
-    assert meta_peak(vae, 4, park=True) == meta_peak(vae, 12, park=True)
-    assert meta_peak(vae, 12, park=False) > meta_peak(vae, 4, park=False)
+    assert meta_peak(vae, 4, SHAPE[-2:], park=True) == meta_peak(vae, 12, SHAPE[-2:], park=True)
+    assert meta_peak(vae, 12, SHAPE[-2:], park=False) > meta_peak(vae, 4, SHAPE[-2:], park=False)
 
 
 def test_estimate_equals_a_real_decode_of_as_many_frames(vae):

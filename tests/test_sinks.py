@@ -266,7 +266,7 @@ def test_a_failure_before_any_frame_keeps_the_old_file(tmp_path):
     path = tmp_path / "v.mp4"
     path.write_bytes(b"precious")
     sink = VideoSink(path, 64, 48)
-    sink.stream = FullDisk()
+    sink.encoder = FullDisk()
     with pytest.raises(SinkError, match="cannot write .* after 0 frames: No space left on device"):
         sink.write(np.zeros((48, 64, 3), np.uint8))
     with pytest.raises(OSError):

@@ -52,6 +52,9 @@ class Family(ABC):
     default_tile: ClassVar[tuple[int, int] | None] = None  # the reference's own tiles, where it always tiles
     reference_tiles: ClassVar[Blended | None] = None  # the reference's enable_tiling(): size and overlap
     lookahead: ClassVar[int] = 0  # latent frames a carried stream waits for before a latent frame's video is final
+    # keyword options of a decode (load_vae, decode_frames, StreamDecoder, decode_to_file), name -> default;
+    # the stream reads them from Plan.decode (LTX: decode_timestep, decode_noise_scale, seed)
+    decode_options: ClassVar[dict[str, object]] = {}
 
     @property
     def steady_latents(self) -> int:
@@ -82,6 +85,25 @@ class Family(ABC):
     def config(self, shapes: dict[str, tuple[int, ...]], diffusers_config: dict | None):
         """The decoder's hyper-parameters, read off the (renamed) tensor shapes and config.json.
         Its `z_dim`, `latents_mean` and `latents_std` are the latents' channels and statistics."""
+
+    def read_constants(self, config, layout: str, read):
+        """`config` completed with constants the checkpoint stores as tensors (latent statistics);
+        `read(key)` gives a checkpoint tensor by its name, or None where there is none."""
+        return config
+
+    def check_decode_options(self, options: dict) -> dict:
+        """The decode options given, checked against those this family declares."""
+        unknown = sorted(set(options) - set(self.decode_options))
+        if unknown:
+            takes = ", ".join(self.decode_options) or "none"
+            raise StreamdecError(f"the {self.title} takes no decode option {', '.join(unknown)} (it takes: {takes})")
+        for name, value in options.items():
+            default = self.decode_options[name]
+            kind = int if isinstance(default, int) and not isinstance(default, bool) else float
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or (kind is int and not isinstance(value, int)) or value != value):  # fmt: skip
+                raise StreamdecError(f"{name} must be a {'whole ' if kind is int else ''}number, not {value!r}")
+        return dict(options)
 
     # -- decoding
 

@@ -17,7 +17,8 @@ builds its stream from its decoder and the video's Plan (`Family.open_stream`); 
   one-shot decode.
 - `ScheduleReplayStream` (`streams.replay`): decoders whose norms span a whole call, so the output
   depends on how the reference cuts the latents; the reference's own windows (and blended spatial
-  tiles) are replayed as the latents arrive.
+  tiles) are replayed as the latents arrive; `CarriedReplayStream` replays references that cut the
+  latents into consecutive calls carrying a conv cache (`Calls`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Iterator, Protocol
 import torch
 
 from .carried import CarriedStream
-from .replay import ScheduleReplayStream, Windows
+from .replay import Calls, CarriedReplayStream, ScheduleReplayStream, Windows
 
 
 class Stream(Protocol):
@@ -36,4 +37,4 @@ class Stream(Protocol):
     def close(self) -> Iterator[torch.Tensor]: ...
 
 
-__all__ = ["Stream", "CarriedStream", "ScheduleReplayStream", "Windows"]
+__all__ = ["Stream", "CarriedStream", "ScheduleReplayStream", "Windows", "CarriedReplayStream", "Calls"]

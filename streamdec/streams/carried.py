@@ -5,7 +5,8 @@ returns the frames that are final (Wan, WF-VAE, HunyuanVideo-1.5). At most `fram
 frames go through the decoder per call (one by default, as the references do), so activations stay
 the size of that many latent frames' output whatever the chunk length; the output is the same for
 any number. A decoder with a lookahead holds some frames back until later latents
-arrive; `finish` returns them at the end. With an `ExactTiler` each call is decoded tile by tile,
+arrive; `finish` returns them at the end (one piece, or an iterator of pieces where a long lookahead
+ends in several steps). With an `ExactTiler` each call is decoded tile by tile,
 equal to untiled; with a `BlendedTiler`, as the reference's blended tiles (each tile its own stream).
 """
 
@@ -34,9 +35,20 @@ class CarriedStream:
             part = z[:, :, t : t + self.frames_per_call]
             yield self.decode(part, self.state) if self.tiler is None else self.tiler.decode(part, self.state)
 
+    def state_dict(self, names: dict) -> dict:
+        """What the stream carries, as plain data (see StreamState.to_dict): for resuming it."""
+        return {"state": self.state.to_dict(names)}
+
+    def load_state_dict(self, data: dict, modules: dict, device: torch.device) -> None:
+        parks_tiles = getattr(self.tiler, "parking", None) is not None
+        self.state = StreamState.from_dict(data["state"], modules, device, park=self.state.park,
+                                           tiles_device=torch.device("cpu") if parks_tiles else None)  # fmt: skip
+
     def close(self) -> Iterator[torch.Tensor]:
         state, self.state = self.state, None  # the caches go with the stream
         if self.finish is not None and state is not None:
             video = self.finish(state)
-            if video is not None:
+            if isinstance(video, torch.Tensor):
                 yield video
+            elif video is not None:  # an iterator of pieces (a long lookahead ends in several steps)
+                yield from video

@@ -19,6 +19,11 @@ source of the next window's fade. How the reference ends:
   window has decoded yet.
 
 Memory: the latents of one window, and r * blend frames of the last window's end.
+
+Some references cut the latents into consecutive calls that do not overlap and carry a conv cache
+from one call to the next instead (CogVideoX, KVAE-3D): `CarriedReplayStream` replays those `Calls`
+with one StreamState carried through them. Nothing overlaps, so each call's frames are final when it
+returns. Memory: the state (fixed per layer) and the latents of one call.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..state import StreamState
 from ..tiling import BlendedTiles, blend
 
 ENDINGS = ("strided", "rest")
@@ -86,6 +92,14 @@ class ScheduleReplayStream:
             yield from self._window(pending)
         self.tail = None
 
+    def state_dict(self, names: dict) -> dict:
+        """Where the replay stands, as plain data: for resuming it."""
+        return {"pending": self.pending, "tail": self.tail, "windows_done": self.windows_done, "frames_in": self.frames_in}
+
+    def load_state_dict(self, data: dict, modules: dict, device: torch.device) -> None:
+        self.pending, self.tail = (None if t is None else t.to(device) for t in (data["pending"], data["tail"]))
+        self.windows_done, self.frames_in = data["windows_done"], data["frames_in"]
+
     def _window(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
         first = self.windows_done == 0
         video = self._decode(z)
@@ -105,3 +119,64 @@ class ScheduleReplayStream:
         if self.tiles is not None and self.tiles.applies(h, w, long_video=self.frames_in >= self.windows.latents):
             return self.tiles.decode(lambda piece, key: self.decode(piece), z)
         return self.decode(z)
+
+
+@dataclass(frozen=True)
+class Calls:
+    """A reference's cut into consecutive decoder calls: `first` latents, then `size` each; at the
+    end, one call of whatever is left."""
+
+    first: int
+    size: int
+
+    def __post_init__(self):
+        if self.first < 1 or self.size < 1:
+            raise ValueError(f"calls must take 1 latent frame or more, not {self.first} and {self.size}")
+
+
+class CarriedReplayStream:
+    """`decode(z, state)` decodes one call of the reference, continuing the conv caches kept in
+    `state`; the stream replays `calls` as the latents arrive, one StreamState carried through them.
+    `tiles` (BlendedTiles or None) splits each call as the reference's tiled decode does, each tile
+    carrying its own state (the reference runs the whole schedule per tile)."""
+
+    def __init__(self, decode: Callable[[torch.Tensor, StreamState], torch.Tensor], calls: Calls,
+                 tiles: BlendedTiles | None = None):  # fmt: skip
+        self.decode = decode
+        self.calls = calls
+        self.tiles = tiles
+        self.state = StreamState()
+        self.pending: torch.Tensor | None = None  # latents of the call not yet complete
+        self.calls_done = 0
+
+    def push(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        self.pending = z if self.pending is None else torch.cat([self.pending, z], dim=2)
+        while self.pending is not None and self.pending.shape[2] >= self._next_size():
+            size = self._next_size()
+            call = self.pending[:, :, :size]
+            self.pending = self.pending[:, :, size:] if self.pending.shape[2] > size else None
+            yield self._call(call)
+
+    def close(self) -> Iterator[torch.Tensor]:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            yield self._call(pending)
+        self.state = StreamState()  # the caches are not needed any more
+
+    def state_dict(self, names: dict) -> dict:
+        """The caches, the latents of the call not yet complete and the calls made: for resuming."""
+        return {"state": self.state.to_dict(names), "pending": self.pending, "calls_done": self.calls_done}
+
+    def load_state_dict(self, data: dict, modules: dict, device: torch.device) -> None:
+        self.state = StreamState.from_dict(data["state"], modules, device)
+        self.pending = None if data["pending"] is None else data["pending"].to(device)
+        self.calls_done = data["calls_done"]
+
+    def _next_size(self) -> int:
+        return self.calls.first if self.calls_done == 0 else self.calls.size
+
+    def _call(self, z: torch.Tensor) -> torch.Tensor:
+        self.calls_done += 1
+        if self.tiles is not None and self.tiles.applies(*z.shape[-2:]):
+            return self.tiles.decode(lambda piece, key: self.decode(piece, self.state.tile(key)), z)
+        return self.decode(z, self.state)
