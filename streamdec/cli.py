@@ -240,7 +240,11 @@ def run_info(args, target=None) -> int:
     print(f"source            {vae.source}")
     print(f"decoder params    {vae.num_parameters():,}")
     print(f"latent channels   {vae.latent_channels}")
-    print(f"compression       {ratio}  (T latent frames -> 1 + {vae.temporal_ratio}(T-1) video frames)")
+    r = vae.temporal_ratio
+    rule = f"T latent frames -> 1 + {r}(T-1) video frames"
+    if any(vae.frames_for(t) != 1 + r * (t - 1) for t in range(1, 13)):  # a reference with its own count
+        rule = "latent frames -> video frames: " + ", ".join(f"{t} -> {vae.frames_for(t)}" for t in range(1, 11))
+    print(f"compression       {ratio}  ({rule})")
     print(f"stored dtype      {str(vae.stored_dtype).replace('torch.', '')}")
     return 0
 

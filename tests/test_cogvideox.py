@@ -289,7 +289,8 @@ def test_widths_that_do_not_split_into_norm_groups(tmp_path):
 
 def test_cli_info_and_decode(layouts, latents, tmp_path, capsys):
     assert main(["info", str(layouts["sat"])]) == 0
-    assert "cogvideox" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "cogvideox" in info and "2 -> 8, 3 -> 9, 4 -> 16" in info  # the reference's own frame counts, not 1 + 4(T-1)
     torch.save(latents, tmp_path / "z.pt")
     out = tmp_path / "out.mkv"
     assert main(["decode", str(tmp_path / "z.pt"), "--vae", str(layouts["diffusers-folder"]), "-o", str(out),

@@ -211,7 +211,8 @@ def test_cogvideox_sat_names_are_not_taken_for_kvae(model, tmp_path):
 
 def test_cli_info_and_decode(layouts, latents, tmp_path, capsys):
     assert main(["info", str(layouts["official-folder"])]) == 0
-    assert "kvae3d" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "kvae3d" in info and "5 -> 17, 6 -> 18" in info  # the reference's own frame counts, not 1 + 4(T-1)
     torch.save(latents, tmp_path / "z.pt")
     out = tmp_path / "out.mkv"
     assert main(["decode", str(tmp_path / "z.pt"), "--vae", str(layouts["diffusers-folder"]), "-o", str(out),
