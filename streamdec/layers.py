@@ -117,3 +117,25 @@ def per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _triple(v) -> tuple[int, int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def attend_in_blocks(q: torch.Tensor, blocks, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the keys and values of all `blocks` ((B, N, C) each, q (B, M, C)),
+    taken one block at a time: each block's scores are folded into a running maximum, sum and output
+    (fp32), so kept keys and values can visit the device a block at a time."""
+    q32 = q.float() * scale
+    top = total = acc = None
+    for k, v in blocks:
+        scores = q32 @ k.float().transpose(1, 2)
+        block_top = scores.amax(dim=-1, keepdim=True)
+        new_top = block_top if top is None else torch.maximum(top, block_top)
+        weights = torch.exp(scores - new_top)
+        block_out = weights @ v.float()
+        if top is None:
+            total, acc = weights.sum(dim=-1, keepdim=True), block_out
+        else:
+            rescale = torch.exp(top - new_top)
+            total = total * rescale + weights.sum(dim=-1, keepdim=True)
+            acc = acc * rescale + block_out
+        top = new_top
+    return (acc / total).to(q.dtype)

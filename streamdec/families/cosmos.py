@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import StreamdecError
 from ..keys import count_indexed
-from ..layers import CausalConv3d, Conv3d, per_frame
+from ..layers import CausalConv3d, Conv3d, attend_in_blocks, per_frame
 from ..plan import Plan
 from ..state import StreamState
 from ..streams import CarriedStream
@@ -192,21 +192,14 @@ class TemporalAttention(Attention):
 
 def attend_per_pixel(q: torch.Tensor, blocks, scale: float) -> torch.Tensor:
     """softmax over frames of (q . k_f) * scale, weighting v_f, separately at each pixel: q (B, P, C)
-    against the kept (k_f, v_f), one frame at a time, with a running maximum, sum and output (fp32)."""
-    q32 = q.float() * scale
-    top = total = acc = None
-    for k, v in blocks:
-        score = (q32 * k.float()).sum(dim=-1, keepdim=True)  # (B, P, 1)
-        new_top = score if top is None else torch.maximum(top, score)
-        weight = torch.exp(score - new_top)
-        if top is None:
-            total, acc = weight, weight * v.float()
-        else:
-            rescale = torch.exp(top - new_top)
-            total = total * rescale + weight
-            acc = acc * rescale + weight * v.float()
-        top = new_top
-    return (acc / total).to(q.dtype)
+    against the kept (k_f, v_f) of each frame; each pixel is a batch of one query and one key per frame."""
+    b, p, c = q.shape
+
+    def per_pixel(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b * p, 1, c)
+
+    out = attend_in_blocks(per_pixel(q), ((per_pixel(k), per_pixel(v)) for k, v in blocks), scale)
+    return out.view(b, p, c)
 
 
 class MidBlock(nn.Module):

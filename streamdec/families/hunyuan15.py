@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..keys import count_indexed
-from ..layers import RMSNorm, WrappedCausalConv3d
+from ..layers import RMSNorm, WrappedCausalConv3d, attend_in_blocks
 from ..plan import Plan
 from ..state import StreamState
 from ..streams import CarriedStream
@@ -134,30 +134,9 @@ class FrameCausalAttention(nn.Module):
         out = torch.empty_like(q)
         for i in range(t):  # frame by frame: frame i sees the frames kept so far and itself
             state.keep(self, k[:, i], v[:, i])
-            out[:, i] = attend(q[:, i], state.blocks(self, x.device), c**-0.5)
+            out[:, i] = attend_in_blocks(q[:, i], state.blocks(self, x.device), c**-0.5)
         out = out.permute(0, 3, 1, 2).reshape(b, c, t, h, w)
         return self.proj_out(out).add_(x)
-
-
-def attend(q: torch.Tensor, blocks, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the keys and values of all `blocks`, taken one block at a time:
-    each block's scores are folded into a running maximum, sum and output (fp32)."""
-    q32 = q.float() * scale
-    top = total = acc = None
-    for k, v in blocks:
-        scores = q32 @ k.float().transpose(1, 2)
-        block_top = scores.amax(dim=-1, keepdim=True)
-        new_top = block_top if top is None else torch.maximum(top, block_top)
-        weights = torch.exp(scores - new_top)
-        block_out = weights @ v.float()
-        if top is None:
-            total, acc = weights.sum(dim=-1, keepdim=True), block_out
-        else:
-            rescale = torch.exp(top - new_top)
-            total = total * rescale + weights.sum(dim=-1, keepdim=True)
-            acc = acc * rescale + block_out
-        top = new_top
-    return (acc / total).to(q.dtype)
 
 
 class MidBlock(nn.Module):
