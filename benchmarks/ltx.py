@@ -108,31 +108,13 @@ def diffusers_peak(family_name: str, size, frames: int, dtype: torch.dtype) -> i
 
 
 def streamdec_peak(vae, size, frames: int) -> int:
-    """The stream over the whole clip on the meta device, one latent frame per push, then closed;
-    every piece made into uint8 frames and let go of before the next, as StreamDecoder does."""
-    from streamdec.frames import to_uint8
-    from streamdec.memory import MemoryTrace, weight_bytes
+    """The stream over the whole clip on the meta device (one latent frame per push, then closed),
+    weights included: not capped at the steady state as the max_vram estimate is."""
+    from streamdec.memory import traced_peak, weight_bytes
     from streamdec.plan import Plan
-    from streamdec.vae import VAE
 
-    family = vae.family_spec
-    with torch.device("meta"):
-        decoder = family.build(vae.config)
-    decoder = decoder.to(vae.dtype).eval().requires_grad_(False)
-    meta = VAE(family, vae.config, decoder, torch.device("meta"), vae.dtype, vae.stored_dtype, vae.source)
-    trace = MemoryTrace(device="meta")
-    with torch.inference_mode(), trace:
-        stream = family.open_stream(decoder, Plan(latent_frames=latent_frames(frames)))
-        for _ in range(latent_frames(frames)):
-            z = torch.empty((1, LATENT_CHANNELS, 1, *size), device="meta")
-            for video in stream.push(meta.prepare(z, normalized=True)):
-                to_uint8(video)
-                del video
-            del z
-        for video in stream.close():
-            to_uint8(video)
-            del video
-    return trace.peak + weight_bytes(vae, "none")
+    t = latent_frames(frames)
+    return traced_peak(vae, size, t, Plan(latent_frames=t)) + weight_bytes(vae, "none")
 
 
 def device_memory(dtype: torch.dtype) -> list[dict]:

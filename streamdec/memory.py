@@ -127,22 +127,30 @@ def estimate_peak(vae, latent_size: tuple[int, int], latent_frames: int | None =
 
 
 def _traced_peak(vae, latent_size, latent_frames, tile, park, frames_per_call: int = 1) -> int:
-    family = vae.family_spec
     park = parks_caches(vae.device) if park is None else park
-    tile = family.effective_tile(tile)
+    tile = vae.family_spec.effective_tile(tile)
     # parked tiles of one shape need the same memory: decoding one of each shape gives the peak
     frames = _frames_to_trace(vae, latent_frames, frames_per_call)
     plan = Plan(tile=tile, park=park, sample_tiles=park and tile is not None, frames_per_call=frames_per_call,
                 latent_frames=frames)  # the traced video is this long  # fmt: skip
+    return traced_peak(vae, latent_size, frames, plan)
+
+
+def traced_peak(vae, latent_size: tuple[int, int], latent_frames: int, plan: Plan) -> int:
+    """The device peak, weights left out, of the family's stream decoding `latent_frames` latent
+    frames of `latent_size` under `plan`, pushed as decode_frames pushes them and closed, run on the
+    meta device (a copy of the decoder there: shapes, no data)."""
+    family = vae.family_spec
     with torch.device("meta"):
         decoder = family.build(vae.config)
     decoder = decoder.to(vae.dtype).eval().requires_grad_(False)
     meta = VAE(family, vae.config, decoder, torch.device("meta"), vae.dtype, vae.stored_dtype, vae.source)
+    step = plan.frames_per_call
     trace = MemoryTrace(device="meta")
     with torch.inference_mode(), trace:
         stream = family.open_stream(decoder, plan)
-        for start in range(0, frames, frames_per_call):  # pushes as decode_frames makes them
-            z = torch.empty((1, vae.latent_channels, min(frames_per_call, frames - start), *latent_size), device="meta")
+        for start in range(0, latent_frames, step):  # pushes as decode_frames makes them
+            z = torch.empty((1, vae.latent_channels, min(step, latent_frames - start), *latent_size), device="meta")
             _hand_over(stream.push(meta.prepare(z, normalized=True)))
             del z
         _hand_over(stream.close())
