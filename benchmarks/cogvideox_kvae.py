@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from _harness import ROOT, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, diffusers_frames, machine, measured, run_in_process, save_results, summary
 
 FAMILIES = {"cogvideox": "AutoencoderKLCogVideoX", "kvae3d": "AutoencoderKLKVAEVideo"}
 LATENTS = {"cogvideox": (3, 7, 11), "kvae3d": (5, 9, 13)}  # odd CogVideoX lengths: the released 4T - 3 frames
@@ -60,12 +60,7 @@ def run(family: str, method: str, latent_frames: int, size, device: str, dtype: 
             if method == "streamdec":
                 count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
             else:
-                with torch.no_grad():
-                    video = reference.decode(z).sample
-                frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0)
-                del video
-                count = len(frames.cpu().numpy())
-                del frames
+                count = len(diffusers_frames(reference, z))
         return {"family": family, "method": method, "latent_frames": latent_frames, "frames": count,
                 "tensor_peak_bytes": trace.peak}  # fmt: skip
 

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from _harness import ROOT, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, diffusers_frames, machine, measured, run_in_process, save_results, summary
 
 
 def build_models(device: str, dtype: torch.dtype):
@@ -45,10 +45,7 @@ def run(method: str, frames: int, size, device: str, dtype: str) -> dict:
         if method == "streamdec":
             count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
         else:
-            with torch.no_grad():
-                video = reference.decode(z).sample
-            frames_u8 = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu()
-            count = len(frames_u8.numpy())
+            count = len(diffusers_frames(reference, z))
         return {"method": method, "frames": count}
 
     return measured(device, work)

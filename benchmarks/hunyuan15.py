@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from _harness import GIB, ROOT, machine, measured, run_in_process, save_results, summary
+from _harness import GIB, ROOT, diffusers_frames, machine, measured, run_in_process, save_results, summary
 
 SIZES = {"480p": (30, 52), "720p": (45, 80)}  # latent pixels: 480x832 and 720x1280 at 16x
 LENGTHS = (33, 121, 481)
@@ -107,10 +107,7 @@ def run(method: str, frames: int, size, device: str, dtype: str) -> dict:
             per_call = int(method.partition("-")[2] or 1)
             count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False, frames_per_call=per_call))
         else:
-            with torch.no_grad():
-                video = reference.decode(z).sample
-            frames_u8 = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu()
-            count = len(frames_u8.numpy())
+            count = len(diffusers_frames(reference, z))
         return {"method": method, "frames": count}
 
     return measured(device, work)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from _harness import GIB, ROOT, machine, run_in_process, save_results
+from _harness import GIB, ROOT, diffusers_frames, machine, run_in_process, save_results
 
 FAMILIES = {
     # name: (diffusers class, latent channels, temporal ratio, latent sizes at 480p / 720p, lengths)
@@ -124,10 +124,7 @@ def run(family_name: str, method: str, frames: int) -> dict:
         if method == "streamdec":
             count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
         else:
-            with torch.no_grad():
-                video = reference.decode(z).sample
-            count = len(((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).numpy())
-            del video
+            count = len(diffusers_frames(reference, z))
     return {"family": family_name, "method": method, "frames": count, "seconds": round(time.perf_counter() - start, 2),
             "traced_peak_mib": round(trace.peak / 2**20, 2)}  # fmt: skip
 
