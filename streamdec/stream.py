@@ -214,15 +214,12 @@ def _frames(stream: StreamDecoder, z: torch.Tensor, start: int = 0, between=None
         pending = deque(stream._host_frames(stream.decode_videos(z[:, :, t : t + step])))
         if between is not None:
             between()
-        while pending:  # popleft: the generator holds no frame it has yielded
-            yield pending.popleft()
-    yield from _hand_out(stream.close())
+        yield from _hand_out(pending)
+    yield from _hand_out(deque(stream.close()))
 
 
-def _hand_out(frames: list) -> Iterator:
-    pending = deque(frames)
-    del frames  # the list would keep every frame alive until the last is yielded
-    while pending:  # popleft: the generator holds no frame it has yielded
+def _hand_out(pending: deque) -> Iterator:
+    while pending:  # popleft: the generator holds no frame it has yielded (a list would keep them all)
         yield pending.popleft()
 
 
