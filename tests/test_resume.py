@@ -215,6 +215,14 @@ def test_resuming_needs_a_file(jobs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("every", [0, -2, 1.5, True, "4"])
+def test_a_bad_interval_is_refused_before_anything_is_written(jobs, tmp_path, every):
+    _, _, z, vae = jobs["wan"]
+    with pytest.raises(streamdec.StreamdecError, match="resume_every must be a whole number of latent frames"):
+        decode_to_file(vae, z, tmp_path / "v.mkv", resume=True, resume_every=every)
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_existing_output_without_state_still_needs_overwrite(jobs, tmp_path):
     ckpt, latents, _, _ = jobs["wan"]
     out = tmp_path / "v.mp4"
