@@ -173,14 +173,13 @@ class VideoSink:
             opts["preset"] = str(preset or default_preset)
         if low_latency:
             opts.update(LOW_LATENCY.get(codec, {}))
+        opts.update({k: str(v) for k, v in (options or {}).items()})
         if in_order:  # packets in display order (no B-frames), so a later run can append to the file
             opts["bf"] = "0"
-            if codec == "libx265":
-                opts["x265-params"] = "bframes=0"
-        opts.update({k: str(v) for k, v in (options or {}).items()})
         # x265 and SVT-AV1 print pages of banners to stderr; keep them to errors.
         if codec == "libx265":
-            opts["x265-params"] = ":".join(p for p in ("log-level=error", opts.get("x265-params")) if p)
+            x265 = ("log-level=error", opts.get("x265-params"), "bframes=0" if in_order else None)
+            opts["x265-params"] = ":".join(p for p in x265 if p)
         if codec == "libsvtav1":
             os.environ.setdefault("SVT_LOG", "1")
 
