@@ -23,6 +23,7 @@ from . import families
 from .errors import StreamdecError, one_line
 from .families import LayoutError
 from .hub import fetch_vae, is_hub_id
+from .layers import compile_norms, prepare_layout
 from .offload import MODES, attach
 from .vae import VAE, check_max_vram, resolve_device, resolve_dtype
 
@@ -213,7 +214,8 @@ def _other_file_kind(path: Path) -> str | None:
 
 
 def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram: float | None = None,
-             subfolder: str | None = None, revision: str | None = None, **decode_options) -> VAE:  # fmt: skip
+             subfolder: str | None = None, revision: str | None = None, compile: bool = False,
+             **decode_options) -> VAE:  # fmt: skip
     """Load a VAE decoder from a checkpoint file, a diffusers folder, a diffusers model object or a
     Hugging Face Hub id ("org/name": only the VAE's files are fetched; `subfolder`, `revision` as
     diffusers takes them; see streamdec.hub).
@@ -224,6 +226,8 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
     streamdec.offload. `max_vram`: GiB of device memory a decode may use at its peak; each video's
     decode then picks its offload mode (unless `offload` names one) and spatial tiling to stay
     under it, or refuses with the smallest budget that would do (see streamdec.memory).
+    `compile`: run the norm + SiLU pairs as kernels torch.compile makes (streamdec.layers.compile_norms):
+    a few seconds once, then faster, the same output to rounding.
     `decode_options`: options a family declares for its decodes (LTX: `decode_timestep`,
     `decode_noise_scale`, `seed`), the defaults of every decode with this VAE."""
     device, dtype, max_vram = resolve_device(device), resolve_dtype(dtype), check_max_vram(max_vram)
@@ -253,6 +257,9 @@ def load_vae(src, device=None, dtype=None, offload: str | None = None, max_vram:
     weights = {new: source.get(old).to(device=home, dtype=dtype, copy=True) for old, new in renames.items()}
     decoder.load_state_dict(weights, strict=True, assign=True)
     decoder.eval().requires_grad_(False)
+    prepare_layout(decoder, device)
+    if compile:
+        compile_norms(decoder)
     offloader = None
     if offload != "none":  # "auto": each stream's plan picks the mode of its chunks (outside them: none)
         offloader = attach(decoder, decoder.offload_blocks(), device, "none" if offload == "auto" else offload)

@@ -108,9 +108,12 @@ def _add_model_options(p: argparse.ArgumentParser, offload: bool = True) -> None
                             "per block with prefetch (block), or what --max-vram needs (auto, its default)")  # fmt: skip
         p.add_argument("--max-vram", type=_gib_arg, metavar="GIB",
                        help="device memory the decode may peak at, in GiB: offload and tiles are chosen to fit")
-    p.add_argument("--frames-per-call", type=_positive_int, default=1, metavar="N",
-                   help="latent frames per decoder call (default 1): faster for small frames, same output, "
-                        "activations grow with N")  # fmt: skip
+    p.add_argument("--frames-per-call", type=_frames_per_call_arg, default="auto", metavar="N",
+                   help="latent frames per decoder call: more is faster for small frames, same output, "
+                        "activations grow with N (default auto: several for small frames, one from 192x192 up)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="compile the fused norm + SiLU kernels with torch.compile (a few seconds once, then "
+                        "faster; same output to rounding)")  # fmt: skip
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals:
             args = build_parser().parse_args(argv)
-            if args.command in ("decode", "demo"):
+            if args.command == "demo" or (args.command == "decode" and _launched_rank() == 0):  # rank 0 writes
                 target = _output_target(args.output, args.overwrite or _resumes(args))
             with signals.deferred():  # a C extension interrupted in its import can abort the process
                 import torch  # noqa: F401
@@ -223,12 +226,28 @@ def _quiet_library_logs() -> None:
 
 def run_decode(args, target) -> int:
     from .checkpoints import load_vae
+    from .distributed import from_environment
     from .latents import read_latents
 
-    latents = read_latents(args.latents, key=args.key)
-    vae = load_vae(args.vae, device=args.device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram,
-                   subfolder=args.subfolder, revision=args.revision, **_decode_options(args))  # fmt: skip
-    return _decode(vae, latents, target, args, normalized=not args.raw_latents)
+    device, group = from_environment(args.device)  # one of several processes torchrun started: join them
+    try:
+        latents = read_latents(args.latents, key=args.key)
+        vae = load_vae(args.vae, device=device, dtype=args.dtype, offload=args.offload, max_vram=args.max_vram,
+                       subfolder=args.subfolder, revision=args.revision, compile=args.compile,
+                       **_decode_options(args))  # fmt: skip
+        if _launched_rank() > 0:
+            args.quiet = True  # rank 0 speaks for the decode
+        return _decode(vae, latents, target, args, normalized=not args.raw_latents, group=group)
+    finally:
+        if group is not None:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _launched_rank() -> int:
+    """This process's rank where a launcher (torchrun) started several, else 0."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def run_info(args, target=None) -> int:
@@ -258,30 +277,31 @@ def run_demo(args, target) -> int:
         h, w = (int(s) for s in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must be HEIGHTxWIDTH in latent pixels, like 30x40, not {args.size!r}") from None
-    vae = demo_vae(args.width, device=args.device, dtype=args.dtype)
+    vae = demo_vae(args.width, device=args.device, dtype=args.dtype, compile=args.compile)
     latents = demo_latents(args.latent_frames, h, w, generator=torch.Generator().manual_seed(0))
     return _decode(vae, latents, target, args, normalized=True)
 
 
-def _decode(vae, latents, target, args, normalized: bool) -> int:
+def _decode(vae, latents, target, args, normalized: bool, group=None) -> int:
     from .stream import decode_to_file
 
     to_stdout = not isinstance(target, Path)
     format = args.format or ("y4m" if to_stdout else None)
     if getattr(args, "resume_every", None) and not args.resume:
         raise ValueError("--resume-every sets how often --resume saves; add --resume, or drop --resume-every")
-    if vae.max_vram is not None and not args.quiet:  # say what the budget chose (decode_to_file reuses it)
+    if vae.max_vram is not None and not args.quiet and group is None:  # say what the budget chose (decode_to_file reuses it)
         from .latents import as_latents
-        from .memory import plan_decode
+        from .stream import StreamDecoder
 
         z = as_latents(latents, vae.latent_channels)
-        plan = plan_decode(vae, tuple(z.shape[-2:]), z.shape[2], tile=args.tile, frames_per_call=args.frames_per_call)
-        _say(f"max-vram {vae.max_vram:g} GiB: {plan.describe()}")
+        planned = StreamDecoder(vae, tile=args.tile, frames_per_call=args.frames_per_call, **_decode_options(args))
+        planned.start(tuple(z.shape[-2:]), z.shape[2])
+        _say(f"max-vram {vae.max_vram:g} GiB: {planned.plan.describe()}")
     written = decode_to_file(
         vae, latents, target, fps=args.fps, codec=args.codec, crf=args.crf, preset=args.preset,
         pix_fmt=args.pix_fmt, format=format, normalized=normalized, progress=not args.quiet, tile=args.tile,
         low_latency=args.low_latency, frames_per_call=args.frames_per_call,
-        resume=getattr(args, "resume", False), resume_every=getattr(args, "resume_every", None),
+        resume=getattr(args, "resume", False), resume_every=getattr(args, "resume_every", None), group=group,
     )  # fmt: skip
     if not args.quiet and not to_stdout:
         h, w = (s * vae.spatial_ratio for s in latents.shape[-2:])
@@ -306,6 +326,10 @@ def _tile_arg(text: str):
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected N or HxW latent pixels, like 32 or 24x40, auto or none, not {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _frames_per_call_arg(text: str):
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:

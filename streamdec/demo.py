@@ -9,10 +9,11 @@ import math
 import torch
 
 from .families.wan import Wan21, WanConfig
+from .layers import compile_norms, prepare_layout
 from .vae import VAE, resolve_device, resolve_dtype
 
 
-def demo_vae(width: int = 16, device=None, dtype=None, seed: int = 0) -> VAE:
+def demo_vae(width: int = 16, device=None, dtype=None, seed: int = 0, compile: bool = False) -> VAE:
     if width < 1:
         raise ValueError(f"--width must be a positive number of channels, not {width}")
     family, config = Wan21(), WanConfig(base_dim=width)
@@ -27,6 +28,9 @@ def demo_vae(width: int = 16, device=None, dtype=None, seed: int = 0) -> VAE:
                 elif name.endswith("bias"):
                     p.copy_(0.05 * torch.randn_like(p))
     decoder = decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    prepare_layout(decoder, device)
+    if compile:
+        compile_norms(decoder)
     return VAE(family, config, decoder, device, dtype, torch.float32, f"random-weight demo decoder (width {width})")
 
 

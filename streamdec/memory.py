@@ -5,7 +5,8 @@ where tensors have shapes but no data, through the same code a decode uses (the 
 preparation, the stream, the uint8 conversion of each piece), while `MemoryTrace` counts the bytes
 of every tensor storage alive on the device at each step. Weights are added by the offload mode:
 all of them for "none" and "model" (a chunk decodes with the whole decoder on the device), the two
-largest blocks for "block" (the running one and the prefetched next).
+largest blocks for "block" (the running one and the prefetched next), or the two largest groups
+where a decoder's blocks move in groups (`offload_groups`: a ViT's layers; see `group_choices`).
 
 What the trace cannot see: convolution workspaces of cuDNN and the caching allocator's rounding
 and fragmentation. `PLAN_MARGIN` leaves room for them.
@@ -32,6 +33,10 @@ from .tiling import parks_caches
 from .vae import VAE
 
 PLAN_MARGIN = 0.9  # plan to this share of the budget; the rest is for what the trace cannot see
+# Offload groups are made this large where the budget allows: each copy then lasts milliseconds, so
+# the fixed cost of a transfer (a wait, an event, the hooks) is small beside it, while the first
+# group of a chunk, whose copy nothing hides, stays small.
+GROUP_BYTES = 512 * 2**20
 TILE_CHOICES = (64, 48, 32, 24, 16, 12, 8)  # latent pixels, largest (fewest halo repeats) first
 
 
@@ -103,13 +108,29 @@ def _target_device(args, kwargs: dict) -> str | None:
     return None if device is None else torch.device(device).type
 
 
-def weight_bytes(vae, offload: str) -> int:
-    """Weights on the device while a chunk decodes."""
+def weight_bytes(vae, offload: str, group: int = 1) -> int:
+    """Weights on the device while a chunk decodes; "block" with `group` blocks moved together."""
     size = torch.finfo(vae.dtype).bits // 8
     if offload != "block":
         return vae.num_parameters() * size
-    blocks = sorted((sum(p.numel() for p in _rest_params(vae, b)) for b in vae.decoder.offload_blocks()), reverse=True)
-    return sum(blocks[:2]) * size
+    return sum(sorted(_group_sizes(vae, group), reverse=True)[:2]) * size
+
+
+def _group_sizes(vae, group: int) -> list[int]:
+    """Parameters in each offload group of `group` consecutive blocks (as streamdec.offload groups them)."""
+    blocks = [sum(p.numel() for p in _rest_params(vae, b)) for b in vae.decoder.offload_blocks()]
+    return [sum(blocks[i : i + group]) for i in range(0, len(blocks), group)]
+
+
+def group_choices(vae, offload: str) -> list[int]:
+    """The offload group sizes a plan may pick, best first: 1 for decoders that do not group. For
+    those that do, the smallest group of GROUP_BYTES or more, then smaller ones (for smaller budgets)."""
+    if offload != "block" or not getattr(vae.decoder, "offload_groups", False):
+        return [1]
+    size = torch.finfo(vae.dtype).bits // 8
+    blocks = len(vae.decoder.offload_blocks())
+    enough = next((g for g in range(1, blocks + 1) if max(_group_sizes(vae, g)) * size >= GROUP_BYTES), blocks)
+    return list(range(min(enough, max(1, blocks // 2)), 0, -1))
 
 
 def _rest_params(vae, block) -> list[torch.Tensor]:
@@ -123,15 +144,16 @@ def estimate_peak(vae, latent_size: tuple[int, int], latent_frames: int | None =
     the steady state) of `latent_size` with these settings: weights plus the caches, activations
     and output of a run on the meta device. `park`: tile caches and kept keys wait on the host
     between uses (what happens off the CPU; the default there)."""
-    return weight_bytes(vae, offload) + _traced_peak(vae, tuple(latent_size), latent_frames, tile, park, frames_per_call)
+    weights = weight_bytes(vae, offload, group_choices(vae, offload)[0])
+    return weights + _traced_peak(vae, tuple(latent_size), latent_frames, tile, park, frames_per_call, offload)
 
 
-def _traced_peak(vae, latent_size, latent_frames, tile, park, frames_per_call: int = 1) -> int:
+def _traced_peak(vae, latent_size, latent_frames, tile, park, frames_per_call: int = 1, offload: str = "none") -> int:
     park = parks_caches(vae.device) if park is None else park
     tile = vae.family_spec.effective_tile(tile)
     # parked tiles of one shape need the same memory: decoding one of each shape gives the peak
     frames = _frames_to_trace(vae, latent_frames, frames_per_call)
-    plan = Plan(tile=tile, park=park, sample_tiles=park and tile is not None, frames_per_call=frames_per_call,
+    plan = Plan(offload, tile=tile, park=park, sample_tiles=park and tile is not None, frames_per_call=frames_per_call,
                 latent_frames=frames)  # the traced video is this long  # fmt: skip
     return traced_peak(vae, latent_size, frames, plan)
 
@@ -203,14 +225,21 @@ def _plan(vae, latent_size: tuple[int, int], latent_frames: int | None, tile, ma
     tiles = tile_choices(vae, latent_size) if tile == "auto" else [vae.family_spec.effective_tile(tile)]
     park = parks_caches(vae.device)
     tried = []
+    # a family whose stream runs differently per offload mode (MiniMax-H3 batches its tiles under
+    # "block", so the weights pass once per batch of tiles) is traced per mode; the others once per tiling
+    per_mode = getattr(vae.family_spec, "stream_reads_offload", False)
     for choice in tiles:
-        traced = _traced_peak(vae, latent_size, latent_frames, choice, None, frames_per_call)
+        traced = {}
         for offload in offloads:
-            plan = Plan(offload, choice, park, frames_per_call=frames_per_call,
-                        peak_bytes=traced + weight_bytes(vae, offload))  # fmt: skip
-            if plan.peak_bytes <= usable:
-                return plan
-            tried.append(plan)
+            key = offload if per_mode else None
+            if key not in traced:
+                traced[key] = _traced_peak(vae, latent_size, latent_frames, choice, None, frames_per_call, offload)
+            for group in group_choices(vae, offload):
+                plan = Plan(offload, choice, park, frames_per_call=frames_per_call, offload_group=group,
+                            peak_bytes=traced[key] + weight_bytes(vae, offload, group))  # fmt: skip
+                if plan.peak_bytes <= usable:
+                    return plan
+                tried.append(plan)
     best = min(tried, key=lambda p: p.peak_bytes)
     h, w = latent_size
     ratio = vae.spatial_ratio

@@ -6,6 +6,11 @@ only while they are needed. Numerics are unchanged by any mode.
 - "block": each block (residual block, upsampler, mid block, head layers) is onloaded just before
   it runs and released after. On CUDA, the hook of block i starts copying the block expected next
   on a side stream, so transfers overlap compute; at most two blocks are resident at once.
+  Grouped ("block" with `group` > 1, for decoders of many small equal blocks such as a ViT's
+  layers): blocks move `group` consecutive ones at a time (in the order `attach` was given them),
+  onloaded as one when the group's first block runs and released after its last, while the whole
+  next group is copied on the side stream: one wait per group instead of per block, and a copy long
+  enough to hide behind a whole group's compute. At most two groups are resident at once.
 - "none", on an offloaded VAE (one loaded for `max_vram` to choose): onloaded as for "model", and
   kept on the device after the chunk.
 
@@ -51,6 +56,8 @@ class Offloader:
             raise ValueError(f"unknown offload mode {mode!r}; use one of {', '.join(MODES)}")
         self.blocks, self.device, self.mode = blocks, torch.device(device), mode
         self.session_mode: str | None = None  # the mode of the chunk being decoded
+        self.group = 1  # blocks moved together in "block" mode (the session's)
+        self.units: dict[int, dict[nn.Module, tuple[nn.Module, ...]]] = {}  # group size -> block -> its group
         self.cuda = self.device.type == "cuda"
         pin = self.cuda and torch.cuda.is_available()
         # The resting copy of every weight: pinned CPU memory, so copies can be asynchronous.
@@ -63,6 +70,8 @@ class Offloader:
         self.copy_streams: set = set()  # the streams weights were copied on (for tests)
         self.block_bytes = {b: sum(p.numel() * p.element_size() for p in _params(b)) for b in blocks}
         self.peak_resident_bytes = 0
+        self.transfers = 0  # groups (blocks, ungrouped) onloaded, prefetched or not
+        self.waited_transfers = 0  # of which onloaded while the compute waited (not prefetched)
         for block in blocks:
             self._release(block)
             add_hook_to_module(block, BlockHook(self))
@@ -70,18 +79,20 @@ class Offloader:
     # -- called by the hooks and the stream decoder
 
     @contextmanager
-    def session(self, mode: str):
-        """Decode one chunk with the weights offloaded as `mode` says; afterwards nothing is left
-        on the device, except with "none"."""
+    def session(self, mode: str, group: int = 1):
+        """Decode one chunk with the weights offloaded as `mode` says (in "block" mode, `group`
+        blocks at a time); afterwards nothing is left on the device, except with "none"."""
         if mode not in MODES:
             raise ValueError(f"unknown offload mode {mode!r}; use one of {', '.join(MODES)}")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"an offload group is 1 block or more, not {group!r}")
         if mode != "none":
             self.chunk_done()  # what a "none" chunk of another stream left resident
-        self.session_mode = mode
+        self.session_mode, self.group = mode, group
         try:
             yield
         finally:
-            self.session_mode = None
+            self.session_mode, self.group = None, 1
             if mode != "none":
                 self.chunk_done()
 
@@ -93,26 +104,43 @@ class Offloader:
         if self.previous is not None:
             self.successor[self.previous] = block
         if self.active_mode != "block":  # model, or none: the whole decoder
-            for b in self.blocks:
-                if b not in self.resident:
-                    self._onload(b)
+            missing = [b for b in self.blocks if b not in self.resident]
+            if missing:
+                self._onload(missing)
             self._wait_all()
         else:
-            nxt = self.successor.get(block)
+            unit = self.unit(block)
+            after_unit = self.successor.get(unit[-1])  # the block expected after the group's last
+            nxt = () if after_unit is None else self.unit(after_unit)
             for b in list(self.resident):
-                if b is not block and b is not nxt:  # a wrong guess from last time
+                if b not in unit and b not in nxt:  # a wrong guess from last time
                     self._release(b)
-            if block not in self.resident:
-                self._onload(block)
-            self._wait(block)
-            if nxt is not None and nxt is not block and nxt not in self.resident:
-                self._onload(nxt, prefetch=True)
+            missing = [b for b in unit if b not in self.resident]
+            if missing:
+                self._onload(missing)
+            for b in unit:
+                self._wait(b)
+            coming = [b for b in nxt if b not in self.resident]
+            if coming:
+                self._onload(coming, prefetch=True)
         self.peak_resident_bytes = max(self.peak_resident_bytes, sum(self.block_bytes[b] for b in self.resident))
 
     def after(self, block: nn.Module) -> None:
         self.previous = block
-        if self.active_mode == "block":
-            self._release(block)
+        unit = self.unit(block)
+        if self.active_mode == "block" and block is unit[-1]:  # the group's last: the group is done
+            for b in unit:
+                self._release(b)
+
+    def unit(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        """The blocks that move with `block`: its group of the session's size."""
+        if self.group == 1:
+            return (block,)
+        if self.group not in self.units:
+            size = self.group
+            groups = [tuple(self.blocks[i : i + size]) for i in range(0, len(self.blocks), size)]
+            self.units[size] = {b: g for g in groups for b in g}
+        return self.units[self.group][block]
 
     def chunk_done(self) -> None:
         """The chunk is decoded: give the device back (the next chunk may be a while)."""
@@ -130,22 +158,24 @@ class Offloader:
 
     # -- moving weights
 
-    def _onload(self, block: nn.Module, prefetch: bool = False) -> None:
-        params = _params(block)
+    def _onload(self, blocks: list[nn.Module], prefetch: bool = False) -> None:
+        """Start copying `blocks` (one group) to the device: on the side stream if `prefetch`."""
+        self.transfers += 1
+        self.waited_transfers += not prefetch
         if not self.cuda:
-            for p in params:
+            for p in (p for b in blocks for p in _params(b)):
                 p.data = self.rest[p]
         else:
             stream = self.side_stream if prefetch else torch.cuda.current_stream(self.device)
             self.copy_streams.add(stream)
             with torch.cuda.stream(stream):
-                for p in params:
+                for p in (p for b in blocks for p in _params(b)):
                     p.data = self.rest[p].to(self.device, non_blocking=True)
             if prefetch:
                 event = torch.cuda.Event()
                 event.record(stream)
-                self.arriving[block] = event
-        self.resident.add(block)
+                self.arriving.update((b, event) for b in blocks)
+        self.resident.update(blocks)
 
     def _wait(self, block: nn.Module) -> None:
         event = self.arriving.pop(block, None)

@@ -33,6 +33,7 @@ class Plan:
     # the video's length in latent frames, where known: a family whose reference cuts the latents by
     # their number (CogVideoX: by its parity) needs it to replay that cut from the first push
     latent_frames: int | None = None
+    offload_group: int = 1  # "block": blocks moved (and prefetched) together (streamdec.offload)
 
     def describe(self) -> str:
         if isinstance(self.tile, Blended):
@@ -41,4 +42,20 @@ class Plan:
             tiles = "untiled" if self.tile is None else f"tiles of {self.tile[0]}x{self.tile[1]} latent pixels"
         peak = "" if self.peak_bytes is None else f", about {self.peak_bytes / GIB:.2f} GiB"
         calls = "" if self.frames_per_call == 1 else f", {self.frames_per_call} latent frames a call"
-        return f"offload {self.offload}, {tiles}{calls}{peak}"
+        group = f" in groups of {self.offload_group}" if self.offload == "block" and self.offload_group > 1 else ""
+        return f"offload {self.offload}{group}, {tiles}{calls}{peak}"
+
+
+# Output pixels a decoder call aims at when the caller leaves frames_per_call to streamdec. Below it,
+# per-call costs and convolutions of a few hundred latent pixels leave the machine idle, so several
+# latent frames go in one call; above it more frames a call only grow the activations (measured on
+# the CPU, full-size Wan 2.1: one latent frame a call is as fast as seven from 192x192 up).
+CALL_PIXELS = 2**17
+MAX_CALL_FRAMES = 8
+
+
+def calls_for(vae, latent_size: tuple[int, int]) -> int:
+    """Latent frames per decoder call for frames of `latent_size`: as many as keep a call's output
+    under CALL_PIXELS (at most MAX_CALL_FRAMES), one from 192x192 (Wan) up."""
+    pixels = vae.temporal_ratio * latent_size[0] * latent_size[1] * vae.spatial_ratio**2
+    return max(1, min(MAX_CALL_FRAMES, CALL_PIXELS // pixels))

@@ -21,8 +21,8 @@ import torch
 from .errors import StreamdecError
 from .frames import to_host_tensors, to_host_uint8
 from .latents import as_latents
-from .memory import plan_decode
-from .plan import Plan
+from .memory import BudgetError, plan_decode
+from .plan import Plan, calls_for
 from .tiling import parks_caches, parse_tile
 from .vae import VAE, check_max_vram
 
@@ -43,8 +43,10 @@ class StreamDecoder:
     every 7/8 tile. `None`: untiled (CausalVAE: its reference's 64-pixel tiles). `"auto"` (the
     default): what `max_vram` needs, untiled without one.
 
-    `frames_per_call`: latent frames a carried-state decoder takes per call (default 1): more is
-    faster where frames are small, the output is the same, and activations grow with it.
+    `frames_per_call`: latent frames a carried-state decoder takes per call: more is faster where
+    frames are small (larger convolutions, fewer calls), the output is the same, and activations grow
+    with it. "auto" (the default): as many as keep a call's output near `plan.CALL_PIXELS` (one for
+    480p and larger); under `max_vram`, one where that many would not fit.
 
     `max_vram` (GiB; default: the VAE's): the device memory this stream may peak at. The first push
     plans the video (offload mode, tiles) to fit it, or refuses with the smallest budget that would
@@ -59,6 +61,10 @@ class StreamDecoder:
     `decode_options`: options the family declares (`Family.decode_options`; LTX: `decode_timestep`,
     `decode_noise_scale`, `seed`), over those named at `load_vae`; another family refuses them.
 
+    `group`: an initialized torch.distributed process group to decode across (streamdec.distributed):
+    each process decodes a band of every frame's rows, and rank 0 returns the whole frames (the other
+    ranks none). Every rank pushes the same latents in the same chunks. None: this process alone.
+
     A carried-state family's frames are final as soon as they are decoded, or, with a lookahead
     (WF-VAE), once the next latent frame has come: the last latent frame's are returned by `close()`.
     A schedule-replay family's are final once their window is: each push returns whole windows' worth,
@@ -66,16 +72,18 @@ class StreamDecoder:
     """
 
     def __init__(self, vae: VAE, normalized: bool = True, as_tensor: bool = False, tile="auto",
-                 max_vram: float | None = None, frames_per_call: int = 1,
-                 latent_frames: int | None = None, **decode_options):  # fmt: skip
+                 max_vram: float | None = None, frames_per_call: int | str = "auto",
+                 latent_frames: int | None = None, group=None, **decode_options):  # fmt: skip
         self.vae = vae
         self.decode_options = {**vae.decode_options, **vae.family_spec.check_decode_options(decode_options)}
         self.normalized = normalized
         self.as_tensor = as_tensor
         self.tile = parse_tile(tile)
         self.max_vram = vae.max_vram if max_vram is None else check_max_vram(max_vram)
-        if isinstance(frames_per_call, bool) or not isinstance(frames_per_call, int) or frames_per_call < 1:
-            raise StreamdecError(f"frames_per_call must be a whole number of latent frames, 1 or more, not {frames_per_call!r}")
+        if frames_per_call != "auto" and (isinstance(frames_per_call, bool) or not isinstance(frames_per_call, int)
+                                          or frames_per_call < 1):  # fmt: skip
+            raise StreamdecError(f"frames_per_call must be a whole number of latent frames, 1 or more, or 'auto', "
+                                 f"not {frames_per_call!r}")  # fmt: skip
         self.frames_per_call = frames_per_call
         if latent_frames is not None and (isinstance(latent_frames, bool) or not isinstance(latent_frames, int)
                                           or latent_frames < 1):  # fmt: skip
@@ -83,6 +91,11 @@ class StreamDecoder:
         self.latent_frames = latent_frames
         if self.tile != "auto":  # refuse a tile the family cannot take now, not at the first push
             vae.family_spec.effective_tile(self.tile)
+        self.group = group
+        if group is not None:
+            from .distributed import check_group
+
+            check_group(group, vae)
         self.plan: Plan | None = None  # settled by the first push (or start), once the frame size is known
         self.stream = None  # the family's stream (streamdec.streams)
         self.closed = False
@@ -94,17 +107,34 @@ class StreamDecoder:
         then the family's stream. `latent_frames`: the video's length, if not given to the constructor."""
         vae = self.vae
         latent_frames = self.latent_frames if latent_frames is None else latent_frames
-        if self.max_vram is not None:
-            plan = plan_decode(vae, latent_size, latent_frames, tile=self.tile, max_vram=self.max_vram,
-                               frames_per_call=self.frames_per_call)  # fmt: skip
-        else:
-            tile = vae.family_spec.effective_tile(None if self.tile == "auto" else self.tile)
-            offload = "none" if vae.offload == "auto" else vae.offload
-            plan = Plan(offload=offload, tile=tile, park=parks_caches(vae.device), frames_per_call=self.frames_per_call)
-        plan = replace(plan, latent_frames=latent_frames)  # the video's own length, not a cached plan's
-        if self.decode_options:
-            plan = replace(plan, decode=tuple(sorted(self.decode_options.items())))
-        self.stream = vae.family_spec.open_stream(vae.decoder, plan)  # may refuse: then nothing is settled
+
+        def plan_for(size: tuple[int, int]) -> Plan:
+            auto = self.frames_per_call == "auto"
+            calls = calls_for(vae, size) if auto else self.frames_per_call
+            if self.max_vram is not None:
+                try:
+                    plan = plan_decode(vae, size, latent_frames, tile=self.tile, max_vram=self.max_vram,
+                                       frames_per_call=calls)  # fmt: skip
+                except BudgetError:
+                    if not auto or calls == 1:
+                        raise
+                    plan = plan_decode(vae, size, latent_frames, tile=self.tile, max_vram=self.max_vram)  # one a call
+            else:
+                tile = vae.family_spec.effective_tile(None if self.tile == "auto" else self.tile)
+                offload = "none" if vae.offload == "auto" else vae.offload
+                plan = Plan(offload=offload, tile=tile, park=parks_caches(vae.device), frames_per_call=calls)
+            plan = replace(plan, latent_frames=latent_frames)  # the video's own length, not a cached plan's
+            if self.decode_options:
+                plan = replace(plan, decode=tuple(sorted(self.decode_options.items())))
+            return plan
+
+        if self.group is None:
+            plan = plan_for(tuple(latent_size))
+            self.stream = vae.family_spec.open_stream(vae.decoder, plan)  # may refuse: then nothing is settled
+        else:  # this rank's band of rows (streamdec.distributed)
+            from .distributed import open_band_stream
+
+            plan, self.stream = open_band_stream(vae, self.group, tuple(latent_size), plan_for, exact=self.as_tensor)
         self.plan, self.latent_frames = plan, latent_frames
         self._frame_size = tuple(latent_size)
 
@@ -161,7 +191,7 @@ class StreamDecoder:
 
     def _offload_session(self):
         offloader = self.vae.offloader
-        return nullcontext() if offloader is None else offloader.session(self.plan.offload)
+        return nullcontext() if offloader is None else offloader.session(self.plan.offload, self.plan.offload_group)
 
     def _check(self, chunk) -> torch.Tensor:
         if self.closed:
@@ -185,16 +215,18 @@ class StreamDecoder:
 
 
 def decode_frames(vae: VAE, latents, normalized: bool = True, as_tensor: bool = False, tile="auto",
-                  max_vram: float | None = None, frames_per_call: int = 1, **decode_options) -> Iterator:  # fmt: skip
+                  max_vram: float | None = None, frames_per_call: int | str = "auto", group=None,
+                  **decode_options) -> Iterator:  # fmt: skip
     """Decode a whole latent video frame by frame.
 
     `latents`: torch tensor or numpy array, (C, T, h, w) or (1, C, T, h, w). Returns a generator
     of `1 + temporal_ratio * (T - 1)` frames: numpy uint8 (H, W, 3) RGB equal to
     round((clamp(x, -1, 1) + 1) * 127.5), or with `as_tensor=True` float32 tensors (3, H, W) in
-    [-1, 1]. `tile`, `max_vram`, `frames_per_call`, `decode_options`: see StreamDecoder. The latents are checked and
-    the video planned here, before any frame is decoded."""
+    [-1, 1]. `tile`, `max_vram`, `frames_per_call`, `group`, `decode_options`: see StreamDecoder (with a
+    `group`, rank 0 gets the frames and the other ranks none). The latents are checked and the video
+    planned here, before any frame is decoded."""
     return _checked_frames(vae, latents, normalized=normalized, as_tensor=as_tensor, tile=tile,
-                           max_vram=max_vram, frames_per_call=frames_per_call, **decode_options)[1]  # fmt: skip
+                           max_vram=max_vram, frames_per_call=frames_per_call, group=group, **decode_options)[1]  # fmt: skip
 
 
 def _checked_frames(vae: VAE, latents, **options) -> tuple[torch.Tensor, Iterator]:
@@ -227,8 +259,8 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
                    preset: str | None = None, pix_fmt: str | None = None, format: str | None = None,
                    normalized: bool = True, progress: bool = True, options: dict | None = None,
                    tile="auto", max_vram: float | None = None, low_latency: bool = False,
-                   frames_per_call: int = 1, resume: bool = False, resume_every: int | None = None,
-                   **decode_options) -> int:  # fmt: skip
+                   frames_per_call: int | str = "auto", resume: bool = False, resume_every: int | None = None,
+                   group=None, **decode_options) -> int:  # fmt: skip
     """Decode `latents` straight into a video file (or a binary stream such as stdout).
 
     Frames go from the decoder through a bounded queue to a writer thread that encodes them
@@ -244,7 +276,10 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
 
     `resume`: keep the stream's state beside the file as it goes (every `resume_every` latent
     frames, by default by time at 5% of the decode's time at most), and go on from a killed run's
-    state if the same job left one (streamdec.resume). `decode_options`: see StreamDecoder."""
+    state if the same job left one (streamdec.resume). `decode_options`: see StreamDecoder.
+
+    `group`: decode across the processes of a torch.distributed group (see StreamDecoder): every rank
+    calls this with the same latents; rank 0 writes `path`, the others write nothing and return 0."""
     from tqdm import tqdm
 
     from .sinks import FrameWriter, open_sink
@@ -254,8 +289,14 @@ def decode_to_file(vae: VAE, latents, path, fps: float = 16, codec: str | None =
                     frames_per_call=frames_per_call, **decode_options)  # fmt: skip
     z = as_latents(latents, vae.latent_channels)
     stream = StreamDecoder(vae, normalized=normalized, tile=tile, max_vram=max_vram, frames_per_call=frames_per_call,
-                           **decode_options)
+                           group=group, **decode_options)
+    if group is not None and resume:
+        raise StreamdecError("a distributed decode cannot be resumed; decode it without resume, or in one process")
     stream.start(z.shape[-2:], z.shape[2])  # everything that can be refused, before the file exists
+    if group is not None and torch.distributed.get_rank(group) != 0:  # rank 0 writes the file
+        for _ in _frames(stream, z):
+            pass
+        return 0
     checkpoints, state, between = _resumable(vae, z, stream, path, settings, resume_every) if resume else (None, None, None)
     if state is not None:
         stream.load_state_dict(state)

@@ -57,9 +57,14 @@ def decoded(path: Path) -> list[tuple[int, np.ndarray]]:
         return [(frame.pts, frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
 
 
+# One latent frame per decoder call throughout: states are saved between calls, and the kills below
+# aim at states of single latent frames (and uint8 rounding can differ between call sizes).
+ONE_A_CALL = ("--frames-per-call", "1")
+
+
 def cli(ckpt, latents, out, *extra) -> list[str]:
     return [sys.executable, "-m", "streamdec", "decode", str(latents), "--vae", str(ckpt), "-o", str(out),
-            "--device", "cpu", "--quiet", *extra]  # fmt: skip
+            "--device", "cpu", "--quiet", *ONE_A_CALL, *extra]  # fmt: skip
 
 
 def kill_at(command: list[str], folder: Path, latent_frame: int, delay: float) -> bool:
@@ -68,7 +73,10 @@ def kill_at(command: list[str], folder: Path, latent_frame: int, delay: float) -
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while proc.poll() is None:
-            saved = [int(f.name.split("-")[0]) for f in folder.glob("*.pt")] if folder.is_dir() else []
+            try:
+                saved = [int(f.name.split("-")[0]) for f in folder.glob("*.pt")]
+            except FileNotFoundError:  # not made yet, or removed by a decode that just finished
+                saved = []
             if saved and max(saved) >= latent_frame:
                 time.sleep(delay)
                 break
@@ -105,7 +113,7 @@ def test_killed_lossless_decodes_resume_to_the_uninterrupted_frames(jobs, family
     kills = kill_and_finish(command, out, z.shape[1], seed=len(family))
     assert kills >= 2, "the decode finished before it could be killed: make it longer"
     frames = [f for _, f in decoded(out)]
-    reference = list(decode_frames(vae, z))
+    reference = list(decode_frames(vae, z, frames_per_call=1))
     assert len(frames) == len(reference) == vae.frames_for(z.shape[1])
     for i, (ours, theirs) in enumerate(zip(frames, reference)):
         assert np.array_equal(ours, theirs), f"frame {i} differs from the uninterrupted decode"
@@ -143,7 +151,7 @@ def interrupted(vae, z, out: Path, after: int, **options) -> None:
     sinks.FrameWriter.put = put
     try:
         with pytest.raises(Killed):
-            decode_to_file(vae, z, out, resume=True, resume_every=1, progress=False, **options)
+            decode_to_file(vae, z, out, resume=True, resume_every=1, progress=False, frames_per_call=1, **options)
     finally:
         sinks.FrameWriter.put = real_put
 
@@ -160,9 +168,9 @@ def test_every_resumable_stream_goes_on_exactly(family, tmp_path):
     out = tmp_path / "v.mkv"
     for after in (3, 11):
         interrupted(vae, z, out, after=after, codec="ffv1")
-    decode_to_file(vae, z, out, codec="ffv1", resume=True, resume_every=1, progress=False)
+    decode_to_file(vae, z, out, codec="ffv1", resume=True, resume_every=1, progress=False, frames_per_call=1)
     frames = [f for _, f in decoded(out)]
-    reference = list(decode_frames(vae, z))
+    reference = list(decode_frames(vae, z, frames_per_call=1))
     assert len(frames) == len(reference)
     assert all(np.array_equal(a, b) for a, b in zip(frames, reference))
     assert not out.with_name(".v.mkv.resume").exists()
@@ -199,7 +207,8 @@ def test_resuming_with_other_settings_or_latents_is_refused_in_one_line(jobs, tm
                           ([str(other), "--codec", "ffv1"], "the latents differ")]:  # fmt: skip
         err = io.StringIO()
         with redirect_stderr(err):
-            code = main(["decode", *argv, "--vae", str(ckpt), "-o", str(out), "--device", "cpu", "--resume", "--quiet"])
+            code = main(["decode", *argv, "--vae", str(ckpt), "-o", str(out), "--device", "cpu", "--resume", "--quiet",
+                         *ONE_A_CALL])  # fmt: skip
         assert code == 1
         message = err.getvalue().strip()
         assert problem in message and "\n" not in message and "Traceback" not in message, message

@@ -115,7 +115,7 @@ def test_decoder_error_midway_keeps_a_playable_file(vae, tmp_path, monkeypatch):
     monkeypatch.setattr(vae.decoder, "forward", failing_forward)
     path = tmp_path / "v.mkv"
     with pytest.raises(RuntimeError, match="simulated"):
-        streamdec.decode_to_file(vae, LATENTS, path, codec="ffv1", progress=False)
+        streamdec.decode_to_file(vae, LATENTS, path, codec="ffv1", progress=False, frames_per_call=1)
     assert len(read_back(path)) == 1 + 4  # the two latent frames decoded before the error
 
 

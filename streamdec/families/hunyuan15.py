@@ -40,7 +40,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..keys import count_indexed
@@ -105,8 +104,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1(F.silu(self.norm1(x)), state)
-        x = self.conv2(F.silu(self.norm2(x)), state)
+        x = self.conv1(self.norm1(x, silu=True), state)
+        x = self.conv2(self.norm2(x, silu=True), state)
         return x.add_(shortcut)
 
 
@@ -233,7 +232,7 @@ class Hunyuan15Decoder(nn.Module):
         for block in d.up_blocks:
             for layer in block.layers():
                 x = layer(x, state)
-        return d.conv_out(F.silu(d.norm_out(x)), state)
+        return d.conv_out(d.norm_out(x, silu=True), state)
 
     def forward(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
         return self.decode_local(self.decode_global(z, state), state)

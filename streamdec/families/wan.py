@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..keys import count_indexed
-from ..layers import CausalConv3d, NearestUpsample2x, RMSNorm, per_frame
+from ..layers import CausalConv3d, NearestUpsample2x, RMSNorm, channels_last, per_frame
 from ..plan import Plan
 from ..state import StreamState
 from ..streams import CarriedStream
@@ -120,8 +120,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x, state)
-        x = self.conv1(F.silu(self.norm1(x), inplace=True), state)
-        x = self.conv2(F.silu(self.norm2(x), inplace=True), state)
+        x = self.conv1(self.norm1(x, silu=True), state)
+        x = self.conv2(self.norm2(x, silu=True), state)
         return x.add_(shortcut)
 
 
@@ -175,8 +175,13 @@ class Upsampler(nn.Module):
         if x.shape[2]:
             y = self.time_conv(x, state)
             b, c2, t, h, w = y.shape
-            # channels [0, C) give frame 2i, channels [C, 2C) frame 2i+1
-            parts.append(y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w))
+            # channels [0, C) give frame 2i, channels [C, 2C) frame 2i+1; written into a tensor
+            # of y's layout (channels-last on the CPU), so the layers after keep it
+            layout = torch.channels_last_3d if y.is_contiguous(memory_format=torch.channels_last_3d) else None
+            doubled = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device,
+                                  memory_format=layout or torch.contiguous_format)  # fmt: skip
+            doubled.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
+            parts.append(doubled)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
@@ -289,6 +294,8 @@ class WanDecoder(nn.Module):
     upsampling stages and the head, where every output pixel depends only on latent pixels
     within `local_halo` of it)."""
 
+    channels_last = True  # on the CPU: activations and convolution weights (streamdec.layers.channels_last)
+
     def __init__(self, config: WanConfig):
         super().__init__()
         self.config = config
@@ -298,13 +305,14 @@ class WanDecoder(nn.Module):
 
     def decode_global(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
         d = self.decoder
+        z = channels_last(z)  # kept by every layer after it
         return d.mid_block(d.conv_in(self.post_quant_conv(z, state), state), state)
 
     def decode_local(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         d = self.decoder
         for block in d.up_blocks:
             x = block(x, state)
-        x = d.conv_out(F.silu(d.norm_out(x), inplace=True), state)
+        x = d.conv_out(d.norm_out(x, silu=True), state)
         return unpatchify(x, self.config.patch_size)
 
     def forward(self, z: torch.Tensor, state: StreamState) -> torch.Tensor:
