@@ -45,8 +45,8 @@ class StreamDecoder:
 
     `frames_per_call`: latent frames a carried-state decoder takes per call: more is faster where
     frames are small (larger convolutions, fewer calls), the output is the same, and activations grow
-    with it. "auto" (the default): as many as keep a call's output near `plan.CALL_PIXELS` (one for
-    480p and larger); under `max_vram`, one where that many would not fit.
+    with it. "auto" (the default): as many as keep a call's output under `plan.CALL_PIXELS` (several
+    for small frames, one from 192x192 up for Wan); under `max_vram`, one where more would not fit.
 
     `max_vram` (GiB; default: the VAE's): the device memory this stream may peak at. The first push
     plans the video (offload mode, tiles) to fit it, or refuses with the smallest budget that would
