@@ -98,6 +98,22 @@ def diffusers_frames(reference, z):
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu().numpy()
 
 
+def traced_decode(model, z) -> tuple[int, int]:
+    """Decode `z` (de-normalized) with `model`, a streamdec VAE (its `decode_frames`) or a diffusers
+    model (its decode), counting the tensor bytes alive (streamdec.memory.MemoryTrace: activations,
+    caches, output; weights built before are not counted). (frames, peak bytes)."""
+    import streamdec
+    from streamdec.memory import MemoryTrace
+
+    trace = MemoryTrace()
+    with trace:
+        if isinstance(model, streamdec.VAE):
+            count = sum(1 for _ in streamdec.decode_frames(model, z, normalized=False))
+        else:
+            count = len(diffusers_frames(model, z))
+    return count, trace.peak
+
+
 def latents_to_mp4(method: str, frames: int, size, device: str, dtype: str, memory_fraction: float | None,
            around=contextlib.nullcontext) -> dict:  # fmt: skip
     """One end-to-end latents -> mp4 run (streamdec's decode_to_file, or diffusers' decode then the same

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from _harness import ROOT, diffusers_frames, machine, measured, run_in_process, save_results, summary
+from _harness import ROOT, machine, measured, run_in_process, save_results, summary, traced_decode
 
 FAMILIES = {"cogvideox": "AutoencoderKLCogVideoX", "kvae3d": "AutoencoderKLKVAEVideo"}
 LATENTS = {"cogvideox": (3, 7, 11), "kvae3d": (5, 9, 13)}  # odd CogVideoX lengths: the released 4T - 3 frames
@@ -46,7 +46,6 @@ def build_models(family: str, device: str, dtype: torch.dtype):
 
 def run(family: str, method: str, latent_frames: int, size, device: str, dtype: str) -> dict:
     import streamdec
-    from streamdec.memory import MemoryTrace
 
     reference, ours = build_models(family, device, streamdec.vae.resolve_dtype(dtype))
     z = torch.randn(1, 16, latent_frames, *size, generator=torch.Generator().manual_seed(1))
@@ -55,14 +54,9 @@ def run(family: str, method: str, latent_frames: int, size, device: str, dtype: 
         del reference  # each side holds only what it needs
 
     def work() -> dict:
-        trace = MemoryTrace()
-        with trace:
-            if method == "streamdec":
-                count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
-            else:
-                count = len(diffusers_frames(reference, z))
+        count, peak = traced_decode(ours if method == "streamdec" else reference, z)  # the side this process kept
         return {"family": family, "method": method, "latent_frames": latent_frames, "frames": count,
-                "tensor_peak_bytes": trace.peak}  # fmt: skip
+                "tensor_peak_bytes": peak}  # fmt: skip
 
     return measured(device, work)
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from _harness import GIB, ROOT, diffusers_frames, machine, run_in_process, save_results
+from _harness import GIB, ROOT, machine, run_in_process, save_results, traced_decode
 
 FAMILIES = {
     # name: (diffusers class, latent channels, temporal ratio, latent sizes at 480p / 720p, lengths)
@@ -111,22 +111,16 @@ def device_memory(dtype: torch.dtype) -> list[dict]:
 def run(family_name: str, method: str, frames: int) -> dict:
     """One timed decode in this process: time and the traced peak of tensor memory (weights excluded)."""
     import streamdec
-    from streamdec.memory import MemoryTrace
 
     torch.manual_seed(0)
     reference = _diffusers_model(family_name, "cpu")  # released sizes; weights random (no download here)
     ours = streamdec.load_vae(reference, device="cpu")
     z = torch.randn(1, FAMILIES[family_name][1], latent_frames(family_name, frames), *SMALL,
                     generator=torch.Generator().manual_seed(1))  # fmt: skip
-    trace = MemoryTrace()
     start = time.perf_counter()
-    with trace:
-        if method == "streamdec":
-            count = sum(1 for _ in streamdec.decode_frames(ours, z, normalized=False))
-        else:
-            count = len(diffusers_frames(reference, z))
+    count, peak = traced_decode(ours if method == "streamdec" else reference, z)  # the side this process kept
     return {"family": family_name, "method": method, "frames": count, "seconds": round(time.perf_counter() - start, 2),
-            "traced_peak_mib": round(trace.peak / 2**20, 2)}  # fmt: skip
+            "traced_peak_mib": round(peak / 2**20, 2)}  # fmt: skip
 
 
 def main(argv=None):
