@@ -329,7 +329,12 @@ def _tile_arg(text: str):
 
 
 def _frames_per_call_arg(text: str):
-    return "auto" if text == "auto" else _positive_int(text)
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, or auto, not {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
